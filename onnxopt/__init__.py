@@ -1,0 +1,26 @@
+"""onnxopt: export, optimize, evaluate and benchmark models for ONNX Runtime.
+
+``import onnxopt`` does not import torch: the functions that need it import it themselves. The
+CLI (``onnxopt ...``) calls these same functions.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# The API functions share their modules' names (onnxopt.export is the function; the module is
+# reachable as `from onnxopt.export import ...`). Binding them eagerly keeps the function from
+# being shadowed by the submodule once something imports it.
+from .bench import BenchSettings, bench  # noqa: E402
+from .errors import BadInput, GateFailed, OnnxoptError, VerificationFailed  # noqa: E402
+from .evaluate import evaluate  # noqa: E402
+from .export import Tolerance, export  # noqa: E402
+from .feeds import load_dataset  # noqa: E402
+from .optimize import optimize  # noqa: E402
+from .sources import list_models as models  # noqa: E402
+
+benchmark = bench
+
+__all__ = ["export", "bench", "benchmark", "optimize", "evaluate", "models", "load_dataset",
+           "BenchSettings", "Tolerance", "OnnxoptError", "BadInput", "VerificationFailed", "GateFailed",
+           "__version__"]

@@ -1,0 +1,234 @@
+"""The ``onnxopt`` command line: each command parses, calls the API, renders. No logic here."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from .errors import OnnxoptError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """One abort path for user errors: ``<where>: <problem>[; <hint>]`` on stderr, exit 2 or 3,
+    no traceback. Anything else is a bug and keeps its traceback (exit 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OnnxoptError as e:
+            click.echo(f"error: {e.one_line()}", err=True)
+            report = getattr(e, "report", None)
+            if report is not None and ctx.meta.get("onnxopt.verbose_errors", True):
+                from .report import verification_table
+
+                if isinstance(report, dict) and "cases" in report:
+                    click.echo(verification_table(report), err=True)
+            ctx.exit(e.exit_code)
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    from .errors import BadInput
+
+    try:
+        vals = tuple(int(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        raise BadInput(option, f"'{text}' is not a comma-separated list of integers") from None
+    if not vals:
+        raise BadInput(option, "is empty")
+    return vals
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(package_name="onnxopt", prog_name="onnxopt")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-vv for debug).")
+def main(verbose: int) -> None:
+    """Make PyTorch and ONNX models smaller and faster on ONNX Runtime, verified and measured.
+
+    \b
+    Examples:
+      onnxopt models
+      onnxopt optimize                       # digits-cnn: export, verify, benchmark
+      onnxopt export resnet18 -o resnet18.onnx
+      onnxopt bench a.onnx b.onnx --batch 1,8 --json
+    """
+    _setup_logging(verbose)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models(as_json: bool) -> None:
+    """List the built-in models and what each is for.
+
+    \b
+    Example:
+      onnxopt models --json
+    """
+    from .report import table, to_json
+    from .sources import list_models
+
+    items = list_models()
+    if as_json:
+        click.echo(to_json(items))
+        return
+    click.echo(table(["name", "task", "inputs", "dataset", "what it is for"],
+                     [[m["name"], m["task"], m["inputs"], m["dataset"] or "-", m["summary"]] for m in items],
+                     "lllll"))
+
+
+_source_options = [
+    click.option("--input-shape", help="Input shape for a factory model, e.g. 1x3x224x224."),
+    click.option("--dtype", default="float32", show_default=True, help="Input dtype for a factory model."),
+    click.option("--weights", type=click.Path(), help="state_dict for a factory model (torch.load weights_only)."),
+    click.option("--task", type=click.Choice(["classification", "embedding", "other"]),
+                 help="Task of a factory model (classification adds top-1 agreement checks)."),
+    click.option("--exporter", type=click.Choice(["auto", "dynamo", "torchscript"]), default="auto",
+                 show_default=True, help="torch exporter; auto takes the one measured faster for the model."),
+    click.option("--opset", type=int, help="ONNX opset (default: the model's measured default, 17-18)."),
+]
+
+
+def _apply(options):
+    def deco(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return deco
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the .onnx file.")
+@_apply(_source_options)
+@click.option("--static", is_flag=True, help="Fixed input shapes (no dynamic batch/sequence axes).")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Verification absolute tolerance.")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Verification tolerance relative to max|ref|.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON instead of a table.")
+def export(model, output, input_shape, dtype, weights, task, exporter, opset, static, atol, rtol, as_json):
+    """Export a torch model to ONNX and verify it against PyTorch.
+
+    MODEL is a built-in name (see `onnxopt models`) or a factory `package.module:function`
+    returning an nn.Module. The file is verified at batch 1 and 8 (and two sequence lengths for
+    text) on random and real inputs; a mismatch exits 3 and writes nothing.
+
+    \b
+    Examples:
+      onnxopt export digits-cnn -o digits.onnx
+      onnxopt export minilm -o minilm.onnx --exporter torchscript
+      onnxopt export mypkg.nets:make_net --input-shape 1x3x32x32 --weights net.pt -o net.onnx
+    """
+    from . import export as api_export
+    from .export import Tolerance
+    from .report import to_json, verification_table
+
+    sidecar = api_export(model, output, exporter=exporter, opset=opset, input_shape=input_shape, dtype=dtype,
+                         weights=weights, task=task, dynamic=not static, tolerance=Tolerance(atol=atol, rtol=rtol))
+    if as_json:
+        click.echo(to_json(sidecar))
+        return
+    step = sidecar["steps"][0]
+    click.echo(f"{output}: exported with {step['exporter']} ({step['exporter_choice']}), opset {step['opset']}, "
+               f"{sidecar['bytes']:,} bytes, sha256 {sidecar['sha256'][:12]}")
+    click.echo(verification_table(sidecar["verification"]))
+
+
+_bench_options = [
+    click.option("--batch", "batch", default="1", show_default=True, help="Batch sizes, comma-separated."),
+    click.option("--threads", default=None, help="Intra-op thread counts, comma-separated [default: all cores]."),
+    click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda"]), multiple=True,
+                 help="Execution providers [default: auto = CPU, and CUDA when present]."),
+    click.option("--duration", type=float, default=3.0, show_default=True,
+                 help="Seconds of timed work per configuration, shared by all models."),
+    click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per model first."),
+    click.option("--seq-len", type=int, default=128, show_default=True, help="Sequence length for text inputs."),
+    click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one process per model)."),
+    click.option("--data", help="Labelled data for accuracy: 'digits' or an .npz (inputs by name + labels)."),
+]
+
+
+def _settings(batch, threads, providers, duration, warmup, seq_len, no_memory):
+    from .bench import BenchSettings
+
+    return BenchSettings(batches=_ints(batch, "--batch"), threads=_ints(threads, "--threads") if threads else (),
+                         providers=tuple(providers) or ("auto",), duration=duration, warmup=warmup,
+                         seq=seq_len, memory=not no_memory)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("models", nargs=-1, required=True)
+@_apply(_bench_options)
+@click.option("--torch", "torch_ref", help="Also time this torch model (built-in or factory) in PyTorch eager.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--markdown", type=click.Path(), help="Also write the report as a markdown file.")
+def bench(models, batch, threads, providers, duration, warmup, seq_len, no_memory, data, torch_ref, as_json,
+          markdown):
+    """Benchmark ONNX models side by side; the first is the reference.
+
+    Models are timed interleaved in one run (warm-up, round-robin blocks, spinning off), so the
+    speed-up column is a ratio measured under the same machine noise.
+
+    \b
+    Examples:
+      onnxopt bench fp32.onnx int8.onnx
+      onnxopt bench digits.onnx --data digits --torch digits-cnn --batch 1,8 --threads 1,2
+      onnxopt bench a.onnx b.onnx --json | jq '.rows[] | {model, p50_ms, speedup}'
+    """
+    from . import bench as api_bench
+    from .artifact import write_text
+    from .report import bench_markdown, bench_table, to_json
+
+    report = api_bench(list(models), settings=_settings(batch, threads, providers, duration, warmup, seq_len,
+                                                        no_memory), data=data, torch_ref=torch_ref)
+    if markdown:
+        write_text(markdown, bench_markdown(report))
+    click.echo(to_json(report) if as_json else bench_table(report))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", default="digits-cnn")
+@click.option("-o", "--out", type=click.Path(), help="Output folder [default: out/<model>].")
+@_apply(_source_options)
+@_apply(_bench_options)
+@click.option("--no-torch", is_flag=True, help="Do not time PyTorch eager as an extra row.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, batch, threads, providers, duration,
+             warmup, seq_len, no_memory, data, no_torch, as_json):
+    """The main job: export, verify and benchmark MODEL (default: digits-cnn).
+
+    MODEL is a built-in name, a factory `module:function` or a .onnx file. Writes the verified
+    model, its sidecar, report.json and report.md to the output folder.
+
+    \b
+    Examples:
+      onnxopt optimize
+      onnxopt optimize resnet18 --batch 1,8 --threads 1,2
+      onnxopt optimize model.onnx --data val.npz --json
+    """
+    from . import optimize as api_optimize
+    from .report import bench_table, to_json, verification_table
+
+    report = api_optimize(model, out, exporter=exporter, opset=opset, input_shape=input_shape, dtype=dtype,
+                          weights=weights, task=task, data=data, torch_eager=not no_torch,
+                          settings=_settings(batch, threads, providers, duration, warmup, seq_len, no_memory))
+    if as_json:
+        click.echo(to_json(report))
+        return
+    art = report["artifact"]
+    click.echo(f"model: {report['out']}/{art['model']}  ({art['bytes']:,} bytes, sha256 {art['sha256'][:12]})")
+    if art.get("verification"):
+        click.echo(verification_table(art["verification"]))
+    click.echo("")
+    click.echo(bench_table(report["bench"]))
+    click.echo(f"\nreport: {report['out']}/report.md, {report['out']}/report.json")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,199 @@
+"""Model inputs: random feeds that fit a model's IO signature, and labelled datasets.
+
+Random feeds are built from the ONNX graph itself, so a bare ``.onnx`` file needs nothing else:
+float inputs get standard-normal values; integer inputs named like masks get ones, like token
+types get zeros, and other integer inputs get ids below the size of the embedding table they
+index (found by following the input to a ``Gather``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .artifact import io_signature
+from .errors import BadInput
+
+__all__ = ["Dataset", "random_feeds", "load_dataset", "check_feeds", "gather_vocab_sizes"]
+
+_SEQ_NAMES = ("seq", "sequence", "seq_len", "sequence_length", "length", "tokens")
+
+
+@dataclass
+class Dataset:
+    """Labelled (or unlabelled) inputs. ``inputs`` maps input name -> array with batch first."""
+
+    name: str
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batches(self, batch: int):
+        n = len(self)
+        for i in range(0, n, batch):
+            yield ({k: v[i : i + batch] for k, v in self.inputs.items()},
+                   None if self.labels is None else self.labels[i : i + batch])
+
+
+def gather_vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """For integer graph inputs used as ``Gather`` indices into a constant table: the table's
+    first dim. Follows Cast/Unsqueeze/Reshape-free chains only one step, which covers torch,
+    tf2onnx and paddle exports of embedding lookups."""
+    sizes: dict[str, int] = {}
+    init_dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    init_dims[node.output[0]] = list(a.t.dims)
+    names = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in names:
+            dims = init_dims.get(node.input[0])
+            if dims:
+                prev = sizes.get(node.input[1])
+                sizes[node.input[1]] = dims[0] if prev is None else min(prev, dims[0])
+    return sizes
+
+
+def _dim_value(dim, name: str, batch: int, seq: int, where: str, inp: str) -> int:
+    if isinstance(dim, int):
+        return dim
+    if dim is None:
+        return batch if name == "first" else seq
+    low = str(dim).lower()
+    if name == "first":
+        return batch
+    if any(s in low for s in _SEQ_NAMES):
+        return seq
+    # Any other symbolic dim (including expressions like "seq+1"): sequence length, a guess
+    # that fits every text model we have seen; the user can pass real data instead.
+    return seq
+
+
+def random_feeds(
+    model: onnx.ModelProto,
+    batch: int = 1,
+    seq: int = 128,
+    seed: int = 0,
+    where: str = "model",
+) -> dict[str, np.ndarray]:
+    """Deterministic random inputs for ``model`` at a batch size (and sequence length)."""
+    sig = io_signature(model)
+    vocab = gather_vocab_sizes(model)
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in sig["inputs"]:
+        if inp["dtype"] is None:
+            raise BadInput(where, f"input '{inp['name']}' is not a tensor; cannot make inputs for it")
+        shape = []
+        for i, d in enumerate(inp["shape"]):
+            shape.append(_dim_value(d, "first" if i == 0 else "other", batch, seq, where, inp["name"]))
+        if inp["shape"] and isinstance(inp["shape"][0], int) and inp["shape"][0] != batch:
+            raise BadInput(where, f"input '{inp['name']}' has a fixed batch dim of {inp['shape'][0]}, "
+                           f"cannot run it at batch {batch}", f"use --batch {inp['shape'][0]}")
+        dtype = np.dtype(inp["dtype"])
+        lname = inp["name"].lower()
+        if dtype.kind == "f":
+            arr = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind in "iu":
+            if "mask" in lname:
+                arr = np.ones(shape, dtype)
+            elif "type" in lname or "segment" in lname or "position" in lname and "id" not in lname:
+                arr = np.zeros(shape, dtype)
+            else:
+                high = min(vocab.get(inp["name"], 100), 30000)
+                arr = rng.integers(0, max(high, 1), size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            arr = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise BadInput(where, f"input '{inp['name']}' has type {dtype}, which onnxopt cannot generate",
+                           "pass real inputs as an .npz file")
+        feeds[inp["name"]] = arr
+    return feeds
+
+
+def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str) -> None:
+    """Raise :class:`BadInput` when ``feeds`` do not fit the model's inputs (names, rank, fixed dims)."""
+    sig = io_signature(model)
+    expected = {i["name"]: i for i in sig["inputs"]}
+    missing = [n for n in expected if n not in feeds]
+    if missing:
+        raise BadInput(where, f"no data for model input(s) {', '.join(missing)}",
+                       f"the data has {', '.join(sorted(feeds)) or 'nothing'}")
+    for name, spec in expected.items():
+        arr = feeds[name]
+        shape = spec["shape"]
+        if len(arr.shape) != len(shape):
+            raise BadInput(where, f"input '{name}' expects rank {len(shape)} {_fmt(shape)}, "
+                           f"got shape {_fmt(arr.shape)}")
+        for i, (want, got) in enumerate(zip(shape, arr.shape)):
+            if isinstance(want, int) and want != got and i > 0:
+                raise BadInput(where, f"input '{name}' expects shape {_fmt(shape)}, got {_fmt(arr.shape)}")
+        if spec["dtype"] and np.dtype(spec["dtype"]).kind != arr.dtype.kind:
+            raise BadInput(where, f"input '{name}' expects {spec['dtype']}, got {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise BadInput(where, f"input '{name}' contains NaN or infinite values")
+
+
+def _fmt(shape) -> str:
+    return "x".join("?" if d is None else str(d) for d in shape)
+
+
+def cast_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Cast arrays to the exact dtypes of the model inputs (e.g. float64 data -> float32)."""
+    sig = {i["name"]: i for i in io_signature(model)["inputs"]}
+    return {k: (v.astype(sig[k]["dtype"]) if k in sig and sig[k]["dtype"] else v)
+            for k, v in feeds.items() if k in sig}
+
+
+def load_dataset(spec: str, model: onnx.ModelProto | None = None) -> Dataset:
+    """A labelled dataset: a built-in name (``digits``) or an ``.npz`` file.
+
+    An ``.npz`` holds one array per model input (by name; a single unnamed array ``x``/``inputs``
+    is mapped onto a single-input model) and optionally ``labels`` (or ``y``).
+    """
+    if spec == "digits":
+        from .data.digits import load_digits_split
+
+        _, _, x_test, y_test = load_digits_split()
+        inputs = {"input": x_test}
+        if model is not None:
+            names = [i["name"] for i in io_signature(model)["inputs"]]
+            if len(names) == 1:
+                inputs = {names[0]: x_test}
+        return Dataset("digits (test split)", inputs, y_test)
+    p = Path(spec)
+    if p.suffix not in (".npz", ".npy"):
+        raise BadInput(spec, "unknown dataset", "use 'digits' or an .npz file with inputs and labels")
+    if not p.exists():
+        raise BadInput(spec, "no such file")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+        arrays = {k: loaded[k] for k in loaded.files} if isinstance(loaded, np.lib.npyio.NpzFile) \
+            else {"x": loaded}
+    except Exception as e:  # numpy raises several types for corrupt files
+        raise BadInput(spec, f"cannot read it as numpy data ({type(e).__name__})") from None
+    labels = None
+    for key in ("labels", "label", "y"):
+        if key in arrays:
+            labels = arrays.pop(key)
+            break
+    if not arrays:
+        raise BadInput(spec, "holds no input arrays")
+    if model is not None:
+        names = [i["name"] for i in io_signature(model)["inputs"]]
+        if len(names) == 1 and len(arrays) == 1 and names[0] not in arrays:
+            arrays = {names[0]: next(iter(arrays.values()))}
+    lengths = {len(v) for v in arrays.values()} | ({len(labels)} if labels is not None else set())
+    if len(lengths) != 1:
+        raise BadInput(spec, "arrays and labels have different lengths")
+    if labels is not None and labels.dtype.kind not in "iu":
+        raise BadInput(spec, f"labels must be integers, got {labels.dtype}")
+    return Dataset(os.path.basename(spec), arrays, labels)

@@ -1,0 +1,65 @@
+"""ONNX Runtime sessions, made in one place so every measurement uses the same settings."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from .errors import BadInput, MissingDependency
+
+__all__ = ["PROVIDERS", "available_providers", "make_session", "run"]
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def ort():
+    """The onnxruntime module; a clear error when neither onnxruntime nor onnxruntime-gpu is in."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependency("onnxruntime", "onnxruntime", "cpu") from None
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """Short names of the providers this onnxruntime build offers ("cpu", "cuda")."""
+    have = set(ort().get_available_providers())
+    return [short for short, full in PROVIDERS.items() if full in have]
+
+
+def make_session(model, provider: str = "cpu", threads: int | None = None, where: str = "model"):
+    """An inference session with spinning off (several sessions interleave fairly on few cores),
+    sequential execution and the requested intra-op thread count.
+
+    ``model`` is a path or an ``onnx.ModelProto``.
+    """
+    rt = ort()
+    opts = rt.SessionOptions()
+    opts.log_severity_level = 3
+    opts.execution_mode = rt.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    providers = [PROVIDERS[provider]]
+    if provider == "cuda":
+        providers.append(PROVIDERS["cpu"])
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return rt.InferenceSession(src, sess_options=opts, providers=providers)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(where, f"ONNX Runtime cannot load the model: {msg[:300]}") from None
+
+
+def run(session, feeds: dict[str, np.ndarray], where: str = "model") -> list[np.ndarray]:
+    try:
+        return session.run(None, feeds)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(where, f"ONNX Runtime failed to run it on the given inputs: {msg[:300]}") from None
