@@ -65,7 +65,8 @@ def optimize(
         target = out / f"{name}.onnx"
         logger.info("exporting %s -> %s", spec.name, target)
         sidecar = export_spec(spec, target, exporter=exporter, opset=opset, tolerance=tolerance)
-        data = data or spec.dataset
+        if data is None and spec.task == "classification":
+            data = spec.dataset  # labelled data for accuracy; other tasks get agreement
         torch_ref = model if torch_eager else None
     if out.exists() and not out.is_dir():
         raise BadInput(str(out), "exists and is not a folder")

@@ -1,0 +1,136 @@
+"""Train the built-in ``digits-cnn`` and save its weights to ``models/digits_cnn.pt``.
+
+Deterministic: fixed seeds, deterministic algorithms, one CPU thread, a fixed data order per
+epoch drawn from a seeded generator. Running it again on the same torch version writes the same
+bytes. Takes well under a minute on one CPU core.
+
+    python models/train_digits.py            # train, report accuracy, save
+    python models/train_digits.py --check    # train and compare with the saved file, save nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run from a source checkout without installing
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from onnxopt.data.digits import load_digits_split  # noqa: E402
+from onnxopt.zoo.digits_cnn import DigitsCNN  # noqa: E402
+
+SEED = 0
+EPOCHS = 40
+BATCH = 64
+LR = 3e-3
+WEIGHT_DECAY = 1e-4
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def train() -> tuple[dict, float, float]:
+    torch.manual_seed(SEED)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_digits_split())
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    steps = EPOCHS * ((len(x_train) + BATCH - 1) // BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(SEED)
+
+    for epoch in range(EPOCHS):
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        for i in range(0, len(order), BATCH):
+            idx = order[i : i + BATCH]
+            xb = x_train[idx]
+            # Augmentation: shift each image by up to one pixel (zero fill), deterministic.
+            shifts = torch.randint(-1, 2, (2,), generator=gen).tolist()
+            xb = torch.roll(xb, shifts=shifts, dims=(2, 3))
+            if shifts[0] == 1:
+                xb[:, :, 0, :] = 0
+            elif shifts[0] == -1:
+                xb[:, :, -1, :] = 0
+            if shifts[1] == 1:
+                xb[:, :, :, 0] = 0
+            elif shifts[1] == -1:
+                xb[:, :, :, -1] = 0
+            loss = loss_fn(model(xb), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if (epoch + 1) % 10 == 0:
+            print(f"epoch {epoch + 1:3d}  loss {loss.item():.4f}  test acc {accuracy(model, x_test, y_test):.4f}",
+                  file=sys.stderr)
+
+    model.eval()
+    train_acc = accuracy(model, x_train, y_train)
+    test_acc = accuracy(model, x_test, y_test)
+    # Contiguous, detached float tensors only: torch.save of equal tensors gives equal bytes.
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return state, train_acc, test_acc
+
+
+def serialize(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def save_atomic(data: bytes, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE / "digits_cnn.pt")
+    parser.add_argument("--check", action="store_true", help="compare with the saved file; write nothing")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    state, train_acc, test_acc = train()
+    data = serialize(state)
+    digest = hashlib.sha256(data).hexdigest()
+    print(f"train acc {train_acc:.4f}  test acc {test_acc:.4f}  ({time.perf_counter() - start:.1f} s)")
+    print(f"sha256 {digest}  {len(data)} bytes")
+    if args.check:
+        same = args.out.exists() and hashlib.sha256(args.out.read_bytes()).hexdigest() == digest
+        print("same bytes as " + str(args.out) if same else "DIFFERS from " + str(args.out))
+        return 0 if same else 1
+    save_atomic(data, args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
