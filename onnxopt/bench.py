@@ -260,6 +260,9 @@ def bench(
         variants.append(_Variant(f"{spec.name} (PyTorch eager)", "torch", None, torch_module=net,
                                  torch_inputs=tuple(i.name for i in spec.inputs)))
     providers, skipped = settings.provider_list()
+    if not providers:
+        raise BadInput("--provider", f"{', '.join(skipped)} is not available in this onnxruntime build",
+                       "install onnxruntime-gpu for CUDA (see README), or use --provider cpu")
     for p in skipped:
         logger.warning("provider %s is not available in this onnxruntime build; skipped", p)
 

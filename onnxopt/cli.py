@@ -140,18 +140,19 @@ def export(model, output, input_shape, dtype, weights, task, exporter, opset, st
     click.echo(verification_table(sidecar["verification"]))
 
 
-_bench_options = [
-    click.option("--batch", "batch", default="1", show_default=True, help="Batch sizes, comma-separated."),
-    click.option("--threads", default=None, help="Intra-op thread counts, comma-separated [default: all cores]."),
-    click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda"]), multiple=True,
-                 help="Execution providers [default: auto = CPU, and CUDA when present]."),
-    click.option("--duration", type=float, default=3.0, show_default=True,
-                 help="Seconds of timed work per configuration, shared by all models."),
-    click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per model first."),
-    click.option("--seq-len", type=int, default=128, show_default=True, help="Sequence length for text inputs."),
-    click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one process per model)."),
-    click.option("--data", help="Labelled data for accuracy: 'digits' or an .npz (inputs by name + labels)."),
-]
+def _bench_options(batch: str = "1", duration: float = 3.0) -> list:
+    return [
+        click.option("--batch", "batch", default=batch, show_default=True, help="Batch sizes, comma-separated."),
+        click.option("--threads", default=None, help="Intra-op thread counts, comma-separated [default: all cores]."),
+        click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda"]), multiple=True,
+                     help="Execution providers [default: auto = CPU, and CUDA when present]."),
+        click.option("--duration", type=float, default=duration, show_default=True,
+                     help="Seconds of timed work per configuration, shared by all models."),
+        click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per model first."),
+        click.option("--seq-len", type=int, default=128, show_default=True, help="Sequence length for text inputs."),
+        click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one process per model)."),
+        click.option("--data", help="Labelled data for accuracy: 'digits' or an .npz (inputs by name + labels)."),
+    ]
 
 
 def _settings(batch, threads, providers, duration, warmup, seq_len, no_memory):
@@ -164,7 +165,7 @@ def _settings(batch, threads, providers, duration, warmup, seq_len, no_memory):
 
 @main.command(context_settings=CONTEXT)
 @click.argument("models", nargs=-1, required=True)
-@_apply(_bench_options)
+@_apply(_bench_options())
 @click.option("--torch", "torch_ref", help="Also time this torch model (built-in or factory) in PyTorch eager.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--markdown", type=click.Path(), help="Also write the report as a markdown file.")
@@ -196,7 +197,7 @@ def bench(models, batch, threads, providers, duration, warmup, seq_len, no_memor
 @click.argument("model", default="digits-cnn")
 @click.option("-o", "--out", type=click.Path(), help="Output folder [default: out/<model>].")
 @_apply(_source_options)
-@_apply(_bench_options)
+@_apply(_bench_options(batch="1,8", duration=2.0))
 @click.option("--no-torch", is_flag=True, help="Do not time PyTorch eager as an extra row.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, batch, threads, providers, duration,

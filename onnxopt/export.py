@@ -28,6 +28,7 @@ from . import __version__
 from .artifact import check_model, save_model
 from .errors import BadInput, VerificationFailed
 from .evaluate import agreement
+from .progress import progress
 from .runtime import make_session, run
 from .sources import is_onnx_path, require_torch, resolve
 from .spec import ModelSpec
@@ -103,7 +104,7 @@ def verify_against_torch(model: onnx.ModelProto, net, spec: ModelSpec, tolerance
     sess = make_session(model, where=where)
     classification = spec.task == "classification"
     results = []
-    for label, feeds in _verify_cases(spec):
+    for label, feeds in progress(_verify_cases(spec), desc=f"verifying {spec.name}", unit="case"):
         ref = _torch_outputs(torch, net, feeds, spec)
         got = run(sess, feeds, where)
         if len(got) != len(ref):

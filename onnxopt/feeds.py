@@ -20,9 +20,6 @@ from .errors import BadInput
 
 __all__ = ["Dataset", "random_feeds", "load_dataset", "check_feeds", "gather_vocab_sizes"]
 
-_SEQ_NAMES = ("seq", "sequence", "seq_len", "sequence_length", "length", "tokens")
-
-
 @dataclass
 class Dataset:
     """Labelled (or unlabelled) inputs. ``inputs`` maps input name -> array with batch first."""
@@ -62,19 +59,13 @@ def gather_vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
     return sizes
 
 
-def _dim_value(dim, name: str, batch: int, seq: int, where: str, inp: str) -> int:
+def _dim_value(dim, axis: int, batch: int, seq: int) -> int:
+    """A concrete size for one dim of a graph input: fixed dims as written, the first dim is the
+    batch, and any other symbolic dim (a name like "seq" or an expression like "seq + 1") is
+    the sequence length -- the one other dynamic axis every text model we have seen has."""
     if isinstance(dim, int):
         return dim
-    if dim is None:
-        return batch if name == "first" else seq
-    low = str(dim).lower()
-    if name == "first":
-        return batch
-    if any(s in low for s in _SEQ_NAMES):
-        return seq
-    # Any other symbolic dim (including expressions like "seq+1"): sequence length, a guess
-    # that fits every text model we have seen; the user can pass real data instead.
-    return seq
+    return batch if axis == 0 else seq
 
 
 def random_feeds(
@@ -94,7 +85,7 @@ def random_feeds(
             raise BadInput(where, f"input '{inp['name']}' is not a tensor; cannot make inputs for it")
         shape = []
         for i, d in enumerate(inp["shape"]):
-            shape.append(_dim_value(d, "first" if i == 0 else "other", batch, seq, where, inp["name"]))
+            shape.append(_dim_value(d, i, batch, seq))
         if inp["shape"] and isinstance(inp["shape"][0], int) and inp["shape"][0] != batch:
             raise BadInput(where, f"input '{inp['name']}' has a fixed batch dim of {inp['shape'][0]}, "
                            f"cannot run it at batch {batch}", f"use --batch {inp['shape'][0]}")
@@ -105,7 +96,9 @@ def random_feeds(
         elif dtype.kind in "iu":
             if "mask" in lname:
                 arr = np.ones(shape, dtype)
-            elif "type" in lname or "segment" in lname or "position" in lname and "id" not in lname:
+            elif "position" in lname and shape:
+                arr = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+            elif "type" in lname or "segment" in lname:
                 arr = np.zeros(shape, dtype)
             else:
                 high = min(vocab.get(inp["name"], 100), 30000)

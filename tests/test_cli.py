@@ -137,3 +137,24 @@ def test_verification_failure_exits_3_and_writes_nothing(tmp_path):
     _assert_clean_error(res, out, "does not match PyTorch", "random b1", code=3)
     assert "FAIL" in res.stderr  # the verification table is shown
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_data_of_the_wrong_shape(tmp_path):
+    import numpy as np
+    import onnx
+    from conftest import make_mlp
+
+    good = tmp_path / "good.onnx"
+    onnx.save(make_mlp(0), good)
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 12), np.float32), labels=np.zeros(4, np.int64))
+    res = run_cli("bench", good, "--data", tmp_path / "d.npz", "--duration", "0.1")
+    _assert_clean_error(res, tmp_path / "none", "d.npz", "expects shape batchx16, got 4x12")
+
+
+def test_cuda_only_without_cuda_is_a_clear_error(mlp_path):
+    from onnxopt.runtime import available_providers
+
+    if "cuda" in available_providers():
+        pytest.skip("this machine has CUDA")
+    res = CliRunner().invoke(main, ["bench", str(mlp_path), "--provider", "cuda", "--duration", "0.1"])
+    assert res.exit_code == 2 and "cuda is not available" in res.stderr
