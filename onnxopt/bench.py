@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .artifact import io_signature, load_model
+from .artifact import io_signature, load_model, read_sidecar
 from .errors import BadInput
 from .evaluate import agreement
 from .feeds import Dataset, cast_feeds, check_feeds, load_dataset, random_feeds
@@ -248,6 +248,10 @@ def bench(
         if sig != ref_inputs:
             raise BadInput(p, f"has inputs {sig}, but the reference {paths[0]} has {ref_inputs}",
                            "side-by-side benchmarks need models with the same inputs")
+    # The task decides the agreement metric (top-1 for classifiers, cosine for embeddings); a
+    # file exported by onnxopt says it in its sidecar, a bare file falls back to a guess.
+    task = (read_sidecar(paths[0]) or {}).get("task")
+    classification = None if task is None else task == "classification"
     dataset = load_dataset(data, protos[0]) if isinstance(data, str) else data
     if dataset is not None:
         check_feeds(protos[0], dataset.inputs, dataset.name)
@@ -304,7 +308,7 @@ def bench(
                            "speedup": ref_p50 / stats["p50_ms"],
                            "load_ms": v.load_ms if v.kind == "onnx" else None, **v.sizes}
                     if v is not runnable[0]:
-                        row["agreement"] = agreement(outs[runnable[0].name][0], outs[v.name][0])
+                        row["agreement"] = agreement(outs[runnable[0].name][0], outs[v.name][0], classification)
                     rows.append(row)
     # Accuracy and memory do not depend on the timing configuration: measure once.
     if dataset is not None:
@@ -324,6 +328,7 @@ def bench(
         "kind": "bench",
         "reference": variants[0].name,
         "machine": _machine(),
+        "task": task,
         "settings": {**asdict(settings), "providers_run": providers, "providers_skipped": skipped,
                      "dataset": dataset.name if dataset is not None else None},
         "rows": rows,

@@ -57,7 +57,7 @@ def _bench_rows(report: dict) -> tuple[list[str], list[list]]:
             if not a.get("shape_ok", True):
                 quality = "shape differs"
             elif "top1_agreement" in a:
-                quality = f"top1 {a['top1_agreement']:.3f}"
+                quality = f"top1 {a['top1_agreement']:.3f} cos {a['cosine_min']:.4f}"
             else:
                 quality = f"cos {a['cosine_min']:.4f}"
         else:

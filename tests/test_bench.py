@@ -85,3 +85,16 @@ def test_bench_fixed_batch_model_at_other_batch(tmp_path):
     onnx.save(make_mlp(0, batch_dim=1), p)
     res = CliRunner().invoke(main, ["bench", str(p), "--batch", "4", "--duration", "0.1"])
     assert res.exit_code == 2 and "fixed batch" in res.stderr
+
+
+def test_agreement_metric_follows_the_sidecar_task(tmp_path):
+    from onnxopt.artifact import save_model
+
+    settings = BenchSettings(threads=(1,), duration=0.1, warmup=0, min_rounds=2, memory=False)
+    for task, has_top1 in (("embedding", False), ("classification", True)):
+        a, b = tmp_path / task / "a.onnx", tmp_path / task / "b.onnx"
+        save_model(make_mlp(0), a, {"task": task})
+        save_model(make_mlp(1), b, {"task": task})
+        rep = bench([a, b], settings=settings)
+        assert rep["task"] == task
+        assert ("top1_agreement" in rep["rows"][1]["agreement"]) is has_top1
