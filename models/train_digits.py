@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ sys.path.insert(0, str(HERE.parent))  # run from a source checkout without insta
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from onnxopt.artifact import atomic_write_bytes  # noqa: E402
 from onnxopt.data.digits import load_digits_split  # noqa: E402
 from onnxopt.zoo.digits_cnn import DigitsCNN  # noqa: E402
 
@@ -94,23 +93,6 @@ def serialize(state: dict) -> bytes:
     return buf.getvalue()
 
 
-def save_atomic(data: bytes, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "digits_cnn.pt")
@@ -127,7 +109,7 @@ def main() -> int:
         same = args.out.exists() and hashlib.sha256(args.out.read_bytes()).hexdigest() == digest
         print("same bytes as " + str(args.out) if same else "DIFFERS from " + str(args.out))
         return 0 if same else 1
-    save_atomic(data, args.out)
+    atomic_write_bytes(args.out, data)
     print(f"saved {args.out}")
     return 0
 

@@ -55,6 +55,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise BadInput(str(folder), f"cannot create the output folder ({e.strerror})") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written model gets normal permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -64,3 +64,13 @@ def test_io_signature_constant_weights_and_symbolic_dims():
     assert [i["name"] for i in sig["inputs"]] == ["x"]
     assert np.dtype(sig["outputs"][0]["dtype"]) == np.float32
     assert isinstance(m, onnx.ModelProto)
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+
+    p = tmp_path / "m.onnx"
+    save_model(make_mlp(0), p)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
