@@ -83,14 +83,27 @@ def _torch_outputs(torch, net, feeds: dict[str, np.ndarray], spec: ModelSpec) ->
     return [o.detach().cpu().numpy() for o in out]
 
 
-def _verify_cases(spec: ModelSpec) -> list[tuple[str, dict[str, np.ndarray]]]:
+def _static_batch(spec: ModelSpec) -> int:
+    """The batch a --static export is fixed at: the factory's --input-shape batch, else 1."""
+    return int((spec.extra.get("input_shape") or [1])[0])
+
+
+def _verify_cases(spec: ModelSpec, dynamic: bool = True) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """Random inputs at batch 1 and 8 (and two sequence lengths) for a dynamic export; at the
+    one fixed shape for a static one. Plus the model's real inputs where it has them."""
     cases = []
     seqs = spec.seq_lengths or (None,)
+    batches = VERIFY_BATCHES
+    if not dynamic:
+        seqs, batches = seqs[:1], (_static_batch(spec),)
     for seq in seqs:
-        for b in VERIFY_BATCHES:
+        for b in batches:
             label = f"random b{b}" + (f" s{seq}" if seq else "")
             cases.append((label, spec.sample_inputs(b, seq, seed=1000 + b + (seq or 0))))
     real = spec.real_inputs(32)
+    if real and not dynamic:
+        seq_ok = not spec.seq_lengths or all(v.shape[1] == seqs[0] for v in real.values())
+        real = {k: v[: batches[0]] for k, v in real.items()} if seq_ok else None
     if real:
         n = len(next(iter(real.values())))
         cases.append((f"real n{n}", real))
@@ -98,13 +111,13 @@ def _verify_cases(spec: ModelSpec) -> list[tuple[str, dict[str, np.ndarray]]]:
 
 
 def verify_against_torch(model: onnx.ModelProto, net, spec: ModelSpec, tolerance: Tolerance,
-                         where: str) -> dict:
+                         where: str, dynamic: bool = True) -> dict:
     """Compare ORT outputs of ``model`` with ``net``'s on every verification case."""
     torch = require_torch(where)
     sess = make_session(model, where=where)
     classification = spec.task == "classification"
     results = []
-    for label, feeds in progress(_verify_cases(spec), desc=f"verifying {spec.name}", unit="case"):
+    for label, feeds in progress(_verify_cases(spec, dynamic), desc=f"verifying {spec.name}", unit="case"):
         ref = _torch_outputs(torch, net, feeds, spec)
         got = run(sess, feeds, where)
         if len(got) != len(ref):
@@ -128,7 +141,9 @@ def verify_against_torch(model: onnx.ModelProto, net, spec: ModelSpec, tolerance
 
 
 def _export_proto(torch, net, spec: ModelSpec, exporter: str, opset: int, dynamic: bool) -> onnx.ModelProto:
-    feeds = spec.sample_inputs(2, spec.seq_lengths[0] if spec.seq_lengths else None, seed=0)
+    # Batch 2 for a dynamic export: torch.export specializes dims of size 0 and 1.
+    batch = 2 if dynamic else _static_batch(spec)
+    feeds = spec.sample_inputs(batch, spec.seq_lengths[0] if spec.seq_lengths else None, seed=0)
     args = tuple(torch.from_numpy(feeds[i.name]) for i in spec.inputs)
     input_names = [i.name for i in spec.inputs]
     output_names = list(spec.outputs)
@@ -232,7 +247,7 @@ def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", 
     check_model(model, str(output))
     verification = None
     if verify:
-        verification = verify_against_torch(model, net, spec, tolerance, str(output))
+        verification = verify_against_torch(model, net, spec, tolerance, str(output), dynamic)
         if not verification["passed"]:
             worst = next(c for c in verification["cases"] if not c["passed"])
             err = VerificationFailed(str(output), f"export does not match PyTorch: {worst['case']}: "

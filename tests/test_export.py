@@ -70,3 +70,11 @@ def test_import_onnxopt_does_not_import_torch():
     code = "import sys, onnxopt, onnxopt.cli, onnxopt.zoo; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_static_export_is_fixed_and_verified_at_its_shape(tmp_path):
+    p = tmp_path / "s.onnx"
+    side = export("digits-cnn", p, dynamic=False)
+    assert side["verification"]["passed"]
+    assert io_signature(onnx.load(str(p)))["inputs"][0]["shape"] == [1, 1, 8, 8]
+    assert {c["shapes"]["input"][0] for c in side["verification"]["cases"]} == {1}
