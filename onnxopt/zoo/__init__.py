@@ -278,7 +278,9 @@ ZOO: dict[str, ModelSpec] = {
             real_inputs=_minilm_real,
             dataset="sentences",
             # torchscript: its graph runs 1.14x faster in ORT CPU than dynamo's at batch 1 and 8,
-            # seq 128 (benchmarks/results/exporters.md); ORT fuses it into Attention.
+            # seq 128 (benchmarks/results/exporters.md). A plain ORT session fuses neither graph
+            # into Attention (checked: ORT_ENABLE_ALL gives BiasGelu on one, SkipLayerNorm on the
+            # other); that fusion is onnxruntime.transformers' optimizer's job.
             exporter="torchscript",
             default_opset=17,
             seq_lengths=(16, 64),
