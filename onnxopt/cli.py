@@ -231,5 +231,89 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
     click.echo(f"\nreport: {report['out']}/report.md, {report['out']}/report.json")
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized .onnx file.")
+@click.option("--mode", type=click.Choice(["auto", "static", "dynamic", "fp16"]), default="auto", show_default=True,
+              help="auto picks by model family and target and says why.")
+@click.option("--data", help="Calibration/evaluation data: 'digits' or an .npz [default: the model's sidecar dataset].")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="Static calibration method.")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
+@click.option("--format", "fmt", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True)
+@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+@click.option("--weight-type", type=click.Choice(["uint8", "int8"]), default="int8", show_default=True)
+@click.option("--calibration-samples", type=int, default=128, show_default=True)
+@click.option("--exclude", "exclude", multiple=True, help="Node name to leave in float (repeatable).")
+@click.option("--max-drop", type=float, help="Accuracy gate in points on labelled data; exit 3 when it fails.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
+def quantize(model, output, mode, data, target, method, per_channel, fmt, activation_type, weight_type,
+             calibration_samples, exclude, max_drop, as_json):
+    """Quantize an ONNX model with expert defaults (INT8 static/dynamic, FP16), verified.
+
+    With no options: CNNs get static INT8 as QDQ, uint8 activations and int8 per-channel weights
+    after quant_pre_process; transformers get ORT's transformer fusions and dynamic per-channel
+    INT8; --target cuda gets FP16 with float32 IO.
+
+    \b
+    Examples:
+      onnxopt quantize digits.onnx -o digits-int8.onnx --data digits --max-drop 0.5
+      onnxopt quantize minilm.onnx -o minilm-int8.onnx
+      onnxopt quantize resnet18.onnx -o r18-int8.onnx --data calib.npz --method entropy
+    """
+    from . import quantize as api_quantize
+    from .report import table, to_json
+
+    side = api_quantize(model, output, mode=mode, data=data, target=target, method=method, per_channel=per_channel,
+                        format=fmt, activation_type=activation_type, weight_type=weight_type,
+                        calibration_samples=calibration_samples, nodes_to_exclude=tuple(exclude), max_drop=max_drop)
+    if as_json:
+        click.echo(to_json(side))
+        return
+    q = side["quantize"]
+    click.echo(f"{output}: {q['chosen']} ({'auto: ' + q['why'] if q['mode'] == 'auto' else 'requested'}), "
+               f"{side['bytes']:,} bytes")
+    ver = side["verification"]
+    rows = [[c["case"], f"{c.get('max_abs_err', float('nan')):.3g}", f"{c.get('cosine_min', float('nan')):.4f}",
+             f"{c['top1_agreement']:.3f}" if "top1_agreement" in c else "-"] for c in ver.get("cases", [])]
+    click.echo(table(["vs input model", "max abs err", "cosine", "top-1"], rows, "lrrr"))
+    if ver.get("accuracy"):
+        a = ver["accuracy"]
+        click.echo(f"accuracy on {a['dataset']} ({a['samples']}): {a['reference']:.4f} -> {a['quantized']:.4f} "
+                   f"(drop {a['drop_points']:.2f} points)")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the simplified .onnx file.")
+@click.option("--level", type=click.Choice(["basic", "extended"]), default="basic", show_default=True,
+              help="ORT offline optimization level (never 'all': its layouts are hardware-specific).")
+@click.option("--transformer", type=click.Choice(["auto", "bert", "none"]), default="auto", show_default=True,
+              help="onnxruntime.transformers fusions (Attention, SkipLayerNorm, BiasGelu).")
+@click.option("--num-heads", type=int, default=0, help="Attention heads [default: detected from the graph].")
+@click.option("--hidden-size", type=int, default=0, help="Hidden size [default: detected from the graph].")
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
+def simplify(model, output, level, transformer, num_heads, hidden_size, as_json):
+    """Simplify an ONNX graph: constant folding, ORT offline fusions, transformer fusions; verified.
+
+    \b
+    Examples:
+      onnxopt simplify resnet18.onnx -o resnet18-simple.onnx
+      onnxopt simplify minilm.onnx -o minilm-fused.onnx --transformer bert
+    """
+    from . import simplify as api_simplify
+    from .report import to_json
+
+    side = api_simplify(model, output, level=level, transformer=transformer, num_heads=num_heads,
+                        hidden_size=hidden_size)
+    if as_json:
+        click.echo(to_json(side))
+        return
+    st = side["steps"][-1]["stats"]
+    fus = ", ".join(f"{k} {v}" for k, v in sorted((st.get("fusions") or {}).items()) if v) or "none"
+    click.echo(f"{output}: nodes {st.get('nodes_before')} -> {st.get('nodes_after')}; fusions: {fus}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -158,3 +158,21 @@ def test_cuda_only_without_cuda_is_a_clear_error(mlp_path):
         pytest.skip("this machine has CUDA")
     res = CliRunner().invoke(main, ["bench", str(mlp_path), "--provider", "cuda", "--duration", "0.1"])
     assert res.exit_code == 2 and "cuda is not available" in res.stderr
+
+
+def test_quantize_digits_end_to_end(tmp_path):
+    fp32 = tmp_path / "d.onnx"
+    assert run_cli("export", "digits-cnn", "-o", fp32).returncode == 0
+    q = tmp_path / "dq.onnx"
+    res = run_cli("quantize", fp32, "-o", q, "--data", "digits", "--max-drop", "0.5", "--json")
+    assert res.returncode == 0, res.stderr
+    side = json.loads(res.stdout)
+    assert side["quantize"]["chosen"] == "static" and side["gate"]["passed"]
+    assert side["verification"]["accuracy"]["drop_points"] <= 0.5
+    assert [s["step"] for s in side["steps"]] == ["export", "quantize"]  # lineage carried over
+    assert q.stat().st_size < fp32.stat().st_size / 2
+    # quantizing it again is refused, and nothing is written
+    again = tmp_path / "dqq.onnx"
+    _assert_clean_error(run_cli("quantize", q, "-o", again), again, "already quantized")
+    res = run_cli("quantize", fp32, "-o", again, "--mode", "turbo")
+    assert res.returncode == 2 and "turbo" in res.stderr and not again.exists()

@@ -41,7 +41,10 @@ def load_minilm(path) -> SentenceEmbedder:
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        encoder = AutoModel.from_pretrained(str(path))
+        # Eager attention, not SDPA: the SDPA graph (IsNaN/Where mask handling) does not fuse into
+        # ORT's Attention op, which MiniLM's int8 speed-up depends on (benchmarks/quantize.py).
+        # Same numbers; the exported fp32 graph is the classic BERT attention pattern.
+        encoder = AutoModel.from_pretrained(str(path), attn_implementation="eager")
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()

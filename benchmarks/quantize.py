@@ -1,0 +1,143 @@
+"""onnxopt quantize defaults vs fp32 and vs ORT's plain quantize_static defaults, side by side.
+
+Run from the repository root:  .venv/bin/python benchmarks/quantize.py [--duration 3] [--only resnet18,...]
+Writes benchmarks/results/quantize.{md,json}. Every ratio comes from ONE bench() call (variants
+interleaved), batch 1 and 2 threads unless stated. resnet18/mobilenet_v2 have random (seeded)
+weights, so they are calibrated on random-normal images (128 samples): ranges for a random-weight
+network are as representative as any. digits-cnn is calibrated on its train split and evaluated
+on its test split. MiniLM is timed at seq 128 on random token ids; cosine is measured on the
+built-in sentences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnxopt  # noqa: E402
+from onnxopt.bench import BenchSettings, bench  # noqa: E402
+from onnxopt.evaluate import predict  # noqa: E402
+from onnxopt.feeds import Dataset  # noqa: E402
+from onnxopt.quantize import quantize  # noqa: E402
+
+
+NOTES = """Notes: batch 1 and 2 threads unless stated; each table is ONE interleaved bench() run, so
+compare ratios within a table only. resnet18/mobilenet_v2 have seeded random weights and are
+calibrated on 128 random-normal images (acceptable for random weights). "ORT quantize_static
+defaults" is `quantize_static(model, out, reader)` with nothing else set (QDQ, int8 activations,
+per-tensor weights, no pre-processing). MiniLM: onnxopt auto = onnxruntime.transformers fusions
+(heads/hidden detected from the graph) + dynamic per-channel INT8 of the TorchScript export, timed
+at seq 128 on random ids; cosine_mean/cosine_min are over the 64 built-in sentences vs the fp32
+dynamo export (the table's cosine_min is on the random-id timing batch). digits-cnn is calibrated
+on its train split; accuracy is on the test split.
+"""
+
+
+def ort_plain_static(src: Path, dst: Path, images: np.ndarray) -> None:
+    """What a user gets from ORT's documented defaults: quantize_static(model, out, reader)."""
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"input": images[i:i + 1]} for i in range(len(images))])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(src), str(dst), Reader())
+
+
+def cnn(name: str, work: Path, settings: BenchSettings) -> dict:
+    fp32 = work / f"{name}.onnx"
+    onnxopt.export(name, fp32)
+    images = np.random.default_rng(0).standard_normal((128, 3, 224, 224)).astype(np.float32)
+    calib = Dataset("random-normal images", {"input": images})
+    t0 = time.perf_counter()
+    side = quantize(fp32, work / f"{name}.int8.onnx", data=calib)
+    q_s = time.perf_counter() - t0
+    ort_plain_static(fp32, work / f"{name}.ortdefault.onnx", images)
+    rep = bench([fp32, work / f"{name}.int8.onnx", work / f"{name}.ortdefault.onnx"], settings=settings,
+                names=[f"{name} fp32", f"{name} onnxopt quantize (defaults)", f"{name} ORT quantize_static defaults"])
+    return {"bench": rep, "quantize_seconds": round(q_s, 1), "chosen": side["quantize"]}
+
+
+def digits(work: Path, settings: BenchSettings) -> dict:
+    fp32 = work / "digits.onnx"
+    onnxopt.export("digits-cnn", fp32)
+    side = quantize(fp32, work / "digits.int8.onnx", data="digits")
+    s = BenchSettings(**{**settings.__dict__, "batches": (1, 450)})
+    rep = bench([fp32, work / "digits.int8.onnx"], settings=s, data="digits",
+                names=["digits-cnn fp32", "digits-cnn onnxopt quantize (defaults)"])
+    return {"bench": rep, "accuracy": side["verification"]["accuracy"], "chosen": side["quantize"]}
+
+
+def minilm(work: Path, settings: BenchSettings) -> dict:
+    from onnxopt.zoo import _minilm_real
+
+    dyn, ts = work / "minilm.dynamo.onnx", work / "minilm.ts.onnx"
+    onnxopt.export("minilm", dyn, exporter="dynamo")
+    onnxopt.export("minilm", ts, exporter="torchscript")
+    side = quantize(ts, work / "minilm.auto.onnx")
+    s = BenchSettings(**{**settings.__dict__, "batches": (1, 8), "seq": 128})
+    rep = bench([dyn, ts, work / "minilm.auto.onnx"], settings=s,
+                names=["minilm fp32 (dynamo)", "minilm fp32 (torchscript)", "minilm onnxopt quantize auto"])
+    ds = Dataset("built-in sentences", _minilm_real(64))
+    ref = predict(dyn, ds)
+    out = predict(work / "minilm.auto.onnx", ds)
+    r, o = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
+    cos = (r * o).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1))
+    fusions = next(p["stats"]["fusions"] for p in side["steps"][-1]["passes"] if p["step"] == "simplify")
+    return {"bench": rep, "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "chosen": side["quantize"], "fusions": fusions}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=float, default=3.0)
+    ap.add_argument("--only", default="resnet18,mobilenet_v2,minilm,digits")
+    args = ap.parse_args()
+    settings = BenchSettings(batches=(1,), threads=(2,), providers=("cpu",), duration=args.duration, memory=False)
+    results: dict = {"command": "python benchmarks/quantize.py " + " ".join(sys.argv[1:])}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for name in args.only.split(","):
+            print(f"== {name}", file=sys.stderr, flush=True)
+            results[name] = (cnn(name, work, settings) if name in ("resnet18", "mobilenet_v2")
+                             else minilm(work, settings) if name == "minilm" else digits(work, settings))
+            for row in results[name]["bench"]["rows"]:
+                print(f"{row['model']:45s} b{row['batch']:<4d} p50 {row['p50_ms']:8.3f} ms  "
+                      f"{row['speedup']:.2f}x", file=sys.stderr, flush=True)
+    lines = [f"# onnxopt quantize benchmark", "", f"Command: `{results['command'].strip()}`", "", NOTES,
+             f"Machine: {json.dumps(next(iter(v['bench']['machine'] for k, v in results.items() if k != 'command')))}",
+             "", "| model | batch | p50 ms | speed-up vs first row | notes |", "|---|---|---|---|---|"]
+    for key, res in results.items():
+        if key == "command":
+            continue
+        for row in res["bench"]["rows"]:
+            note = ""
+            if "accuracy" in row:
+                note = f"accuracy {row['accuracy']:.4f}"
+            elif "agreement" in row and "cosine_min" in row["agreement"]:
+                note = f"cosine_min vs first {row['agreement']['cosine_min']:.4f}"
+            lines.append(f"| {row['model']} | {row['batch']} | {row['p50_ms']:.3f} | {row['speedup']:.2f}x | {note} |")
+        extra = {k: v for k, v in res.items() if k not in ("bench",)}
+        lines += ["", f"{key}: `{json.dumps(extra, sort_keys=True)}`", ""]
+        lines += ["| model | batch | p50 ms | speed-up vs first row | notes |", "|---|---|---|---|---|"] \
+            if key != list(results)[-1] else []
+    out = ROOT / "benchmarks" / "results"
+    (out / "quantize.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    (out / "quantize.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

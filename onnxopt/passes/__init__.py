@@ -1,0 +1,22 @@
+"""onnxopt's graph passes. Each is an ``onnx_ir.passes.FunctionalPass`` whose options are the
+fields of a frozen dataclass (checked in ``__post_init__``, raising ``BadInput``); calling one on
+an ``onnx_ir.Model`` returns :class:`PassResult` (``model``, ``modified``, ``stats``).
+
+``PASSES`` is the one registry: CLI commands and recipes look passes up here by name.
+"""
+
+from __future__ import annotations
+
+from ._common import PassResult
+from .quantize import ConvertFP16, QuantizeDynamic, QuantizeStatic, choose_mode
+from .simplify import Simplify
+
+__all__ = ["PASSES", "PassResult", "Simplify", "QuantizeStatic", "QuantizeDynamic", "ConvertFP16",
+           "choose_mode"]
+
+PASSES = {
+    "simplify": Simplify,
+    "quantize-static": QuantizeStatic,
+    "quantize-dynamic": QuantizeDynamic,
+    "fp16": ConvertFP16,
+}

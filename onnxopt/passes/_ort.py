@@ -1,0 +1,48 @@
+"""The one place where a pass crosses from onnx-ir to an ONNX Runtime tool and back.
+
+ONNX Runtime's tools (graph optimizer, ``onnxruntime.quantization``, ``onnxruntime.transformers``)
+work on ``ModelProto`` objects or files. Every onnxopt pass that wraps one calls :func:`via_ort`:
+it serializes the ``onnx_ir.Model`` to a temp file, lets the tool write another temp file, and
+deserializes the result. No other module converts between the two representations.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from ..errors import BadInput
+
+__all__ = ["via_ort", "to_proto"]
+
+logger = logging.getLogger(__name__)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize for read-only uses (running a session, checking inputs); never mutate-and-return."""
+    return ir.serde.serialize_model(model)
+
+
+def via_ort(model: ir.Model, tool: Callable[[Path, Path, Path], Any], *, where: str = "model"
+            ) -> tuple[ir.Model, Any]:
+    """Run ``tool(input_path, output_path, workdir)`` on ``model`` and read its output back.
+
+    ``tool`` gets a temp copy of the model (``input_path``), must write its result to
+    ``output_path`` and may use ``workdir`` for intermediate files. Returns the new
+    ``onnx_ir.Model`` and whatever ``tool`` returned (e.g. fusion statistics).
+    """
+    with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
+        work = Path(tmp)
+        src, dst = work / "input.onnx", work / "output.onnx"
+        onnx.save_model(to_proto(model), str(src))
+        extra = tool(src, dst, work)
+        if not dst.exists():
+            raise BadInput(where, "the ONNX Runtime tool wrote no model")  # pragma: no cover
+        proto = onnx.load_model(str(dst))  # loads any external data while the folder exists
+        return ir.serde.deserialize_model(proto), extra

@@ -1,0 +1,165 @@
+"""Graph simplification: ONNX Runtime's offline optimizer, plus transformer fusions.
+
+* ``level="basic"`` (default): constant folding, redundant-node elimination and the other
+  provider-independent rewrites of ORT's basic level. The file runs on any execution provider.
+* ``level="extended"``: adds ORT's fusions into ``com.microsoft`` ops (Gelu, LayerNorm, FusedConv
+  ...), still loadable by any ORT build. The hardware-specific ``all`` level (NCHWc layouts) is
+  never offered: its output is only valid on the machine that wrote it.
+* transformer models (integer ids into an embedding plus attention; or ``transformer="bert"``)
+  go through ``onnxruntime.transformers.optimizer.optimize_model`` (Attention, SkipLayerNorm,
+  BiasGelu, EmbedLayerNormalization ...), with heads/hidden size from the options or, when 0,
+  detected by ORT from the graph. ``stats["fusions"]`` says which fusions happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+import onnx_ir as ir
+
+from ..errors import BadInput
+from ._common import PassResult, looks_like_transformer, op_counts
+from ._ort import via_ort
+
+__all__ = ["Simplify", "LEVELS", "TRANSFORMER_MODES", "detect_heads_hidden"]
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("basic", "extended")
+TRANSFORMER_MODES = ("auto", "bert", "none")
+
+
+def _const(value: ir.Value | None):
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    node = value.producer()
+    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+        return node.attributes["value"].as_tensor().numpy()
+    return None
+
+
+def detect_heads_hidden(model: ir.Model) -> tuple[int, int]:
+    """(num_heads, hidden_size) of a BERT-like graph, 0 where unknown.
+
+    Fills a gap in ORT's own detection, which fails on current HF exports (Reshape to
+    ``[0, 0, -1, head_dim]`` instead of ``[0, 0, heads, head_dim]``): hidden size is the width of
+    the LayerNormalization scales; heads come from the 4-D Reshape targets (``heads`` or
+    ``hidden / head_dim``).
+    """
+    hidden_votes: Counter = Counter()
+    for node in model.graph:
+        if node.op_type == "LayerNormalization" and len(node.inputs) > 1:
+            scale = _const(node.inputs[1])
+            if scale is not None and scale.ndim == 1:
+                hidden_votes[int(scale.shape[0])] += 1
+    if not hidden_votes:
+        return 0, 0
+    hidden = hidden_votes.most_common(1)[0][0]
+    head_votes: Counter = Counter()
+    for node in model.graph:
+        if node.op_type != "Reshape" or len(node.inputs) < 2:
+            continue
+        shape = _const(node.inputs[1])
+        producer = node.inputs[1].producer()
+        if shape is None and producer is not None and producer.op_type == "Concat" and len(producer.inputs) == 4:
+            # [batch, seq] from Shape ops, then constant heads/-1 and head_dim (torch exports)
+            tail = [_const(v) for v in producer.inputs[2:]]
+            if all(t is not None and t.size == 1 for t in tail):
+                shape = np.array([0, 0, int(tail[0].ravel()[0]), int(tail[1].ravel()[0])])
+        if shape is None or shape.ndim != 1 or shape.size != 4:
+            continue
+        heads, dim = int(shape[2]), int(shape[3])
+        if heads > 0 and (dim <= 0 or heads * dim == hidden):
+            head_votes[heads] += 1
+        elif heads <= 0 and dim > 0 and hidden % dim == 0:
+            head_votes[hidden // dim] += 1
+    if not head_votes:
+        return 0, hidden
+    return head_votes.most_common(1)[0][0], hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class Simplify(ir.passes.FunctionalPass):
+    """Options:
+
+    * ``level``: ``basic`` | ``extended`` ORT graph optimization level.
+    * ``transformer``: ``auto`` (fuse when the graph looks like a transformer) | ``bert`` | ``none``.
+    * ``num_heads``, ``hidden_size``: for the transformer fusions; 0 = detect from the graph.
+    """
+
+    level: str = "basic"
+    transformer: str = "auto"
+    num_heads: int = 0
+    hidden_size: int = 0
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            hint = "the hardware-specific 'all' level is not offered for files meant to ship" \
+                if self.level in ("all", "layout") else None
+            raise BadInput("--level", f"'{self.level}' is not one of {', '.join(LEVELS)}", hint)
+        if self.transformer not in TRANSFORMER_MODES:
+            raise BadInput("--transformer", f"'{self.transformer}' is not one of {', '.join(TRANSFORMER_MODES)}")
+        if self.num_heads < 0 or self.hidden_size < 0:
+            raise BadInput("--num-heads", "num_heads and hidden_size must be >= 0 (0 = detect)")
+        if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:
+            raise BadInput("--hidden-size", f"{self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+
+    def call(self, model: ir.Model) -> PassResult:
+        before = op_counts(model)
+        if self.transformer == "none":
+            is_tf, why = False, "transformer fusions turned off"
+        elif self.transformer == "bert":
+            is_tf, why = True, "requested"
+        else:
+            is_tf, why = looks_like_transformer(model)
+        stats: dict = {"level": self.level, "transformer": is_tf, "transformer_why": why}
+        if is_tf:
+            heads, hidden = detect_heads_hidden(model)
+            heads, hidden = self.num_heads or heads, self.hidden_size or hidden
+            if not (heads and hidden and hidden % heads == 0):
+                heads = hidden = 0  # ORT's optimize_model wants both or neither; 0/0 = ORT detects
+            new, extra = via_ort(model, lambda s, d, w: self._fuse(s, d, heads, hidden), where="simplify")
+            extra["num_heads"] = heads if self.num_heads else (heads or "left to ORT")
+            extra["hidden_size"] = hidden if self.hidden_size else (hidden or "left to ORT")
+            extra["heads_hidden_from"] = "options" if self.num_heads and self.hidden_size else "graph"
+            stats.update(extra)
+        else:
+            new, _ = via_ort(model, self._ort_optimize, where="simplify")
+            stats["fusions"] = {}
+        after = op_counts(new)
+        stats["ops_before"], stats["ops_after"] = before, after
+        stats["nodes_before"], stats["nodes_after"] = sum(before.values()), sum(after.values())
+        return PassResult(new, modified=before != after, stats=stats)
+
+    def _ort_optimize(self, src: Path, dst: Path, work: Path) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if self.level == "basic"
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        opts.optimized_model_filepath = str(dst)
+        try:
+            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BadInput("simplify", f"ONNX Runtime cannot load the model: {str(e).strip()[:200]}") from None
+
+    def _fuse(self, src: Path, dst: Path, heads: int, hidden: int) -> dict:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        # optimize_model prints progress and warnings on stdout; keep stdout for data.
+        with contextlib.redirect_stdout(io.StringIO()):
+            opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
+                                 opt_level=1 if self.level == "basic" else 2)
+            fused = {k: int(v) for k, v in sorted(opt.get_fused_operator_statistics().items()) if v}
+            opt.save_model_to_file(str(dst))
+        return {"fusions": fused}

@@ -1,0 +1,99 @@
+"""The Simplify pass: ORT offline optimization levels and transformer fusions, verified numerically."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from conftest import make_mlp
+from onnxopt.errors import BadInput
+from onnxopt.passes import Simplify
+from onnxopt.runtime import make_session
+from test_quantize import make_cnn, make_tiny_transformer
+
+
+def _run(proto, feeds):
+    return make_session(proto).run(None, feeds)[0]
+
+
+def test_basic_folds_and_fuses_matmul_add():
+    proto = make_mlp(constant_weights=True)
+    res = Simplify()(ir.serde.deserialize_model(proto))
+    assert res.stats["ops_before"] == {"Add": 1, "Constant": 1, "MatMul": 2, "Relu": 1}
+    assert "Constant" not in res.stats["ops_after"]  # folded into an initializer
+    assert res.stats["ops_after"].get("Gemm") == 1  # MatMul+Add -> Gemm
+    assert res.stats["nodes_after"] < res.stats["nodes_before"] and res.modified
+    assert res.stats["transformer"] is False and res.stats["fusions"] == {}
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    out = ir.serde.serialize_model(res.model)
+    np.testing.assert_allclose(_run(out, {"x": x}), _run(proto, {"x": x}), rtol=1e-5, atol=1e-5)
+
+
+def test_extended_keeps_numbers():
+    proto = make_cnn()
+    res = Simplify(level="extended")(ir.serde.deserialize_model(proto))
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(ir.serde.serialize_model(res.model), {"x": x}), _run(proto, {"x": x}),
+                               rtol=1e-4, atol=1e-4)
+    assert res.stats["level"] == "extended"
+
+
+def test_transformer_detected_and_fused_by_ort_transformers():
+    proto = make_tiny_transformer()
+    res = Simplify()(ir.serde.deserialize_model(proto))
+    assert res.stats["transformer"] is True and "input_ids" in res.stats["transformer_why"]
+    assert isinstance(res.stats["fusions"], dict)
+    ids = np.random.default_rng(0).integers(0, 40, size=(2, 9)).astype(np.int64)
+    np.testing.assert_allclose(_run(ir.serde.serialize_model(res.model), {"input_ids": ids}),
+                               _run(proto, {"input_ids": ids}), rtol=1e-4, atol=1e-4)
+    off = Simplify(transformer="none")(ir.serde.deserialize_model(proto))
+    assert off.stats["transformer"] is False
+
+
+@pytest.mark.parametrize("kwargs, flag, text", [
+    ({"level": "all"}, "--level", "hardware-specific"), ({"level": "fast"}, "--level", "not one of"),
+    ({"transformer": "gpt"}, "--transformer", "not one of"), ({"num_heads": -1}, "--num-heads", ">= 0"),
+    ({"num_heads": 5, "hidden_size": 384}, "--hidden-size", "multiple"),
+])
+def test_bad_options(kwargs, flag, text):
+    with pytest.raises(BadInput, match=text) as e:
+        Simplify(**kwargs)
+    assert e.value.where == flag and e.value.exit_code == 2
+
+
+def test_simplify_job_writes_lineage(tmp_path):
+    from onnxopt.quantize import simplify
+
+    src = tmp_path / "mlp.onnx"
+    onnx.save(make_mlp(constant_weights=True), src)
+    side = simplify(src, tmp_path / "mlp.s.onnx")
+    assert side["steps"][-1]["step"] == "simplify" and side["steps"][-1]["stats"]["nodes_after"] == 3
+    assert side["verification"]["verified"] is True
+
+
+def test_detect_heads_hidden_from_layernorm_and_reshape_concat():
+    """hidden from the LayerNormalization scale width; heads = hidden / head_dim from a Reshape
+    whose target is Concat(batch, seq, -1, head_dim), as current torch exports write it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxopt.passes.simplify import detect_heads_hidden
+
+    c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(
+        np.array(v, dtype=np.int64), name))
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1),
+        helper.make_node("Shape", ["n"], ["s"]),
+        c("i0", [0]), c("i1", [1]), c("m1", [-1]), c("hd", [8]),
+        helper.make_node("Gather", ["s", "i0"], ["d0"]), helper.make_node("Gather", ["s", "i1"], ["d1"]),
+        helper.make_node("Concat", ["d0", "d1", "m1", "hd"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["n", "shape"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones(32, np.float32), "g"),
+                               numpy_helper.from_array(np.zeros(32, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert detect_heads_hidden(ir.serde.deserialize_model(model)) == (4, 32)
+    assert detect_heads_hidden(ir.serde.deserialize_model(make_mlp())) == (0, 0)
