@@ -2,7 +2,7 @@
 
 Both torch exporters are offered: ``dynamo`` (``torch.export`` based) and ``torchscript`` (the
 tracing exporter). ``auto`` takes the one recorded as faster for the model (see
-``benchmarks/results/exporters.md``: on MiniLM the TorchScript graph runs 1.14x faster).
+``benchmarks/results/exporters.md``: on MiniLM the TorchScript graph runs 1.1-1.2x faster).
 
 Verification runs the exported file in ONNX Runtime and the module in PyTorch on the same
 inputs, at batch 1 and a larger batch (and two sequence lengths for text models), on random and,

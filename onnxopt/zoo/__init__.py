@@ -277,8 +277,8 @@ ZOO: dict[str, ModelSpec] = {
             sample_inputs=_minilm_sample,
             real_inputs=_minilm_real,
             dataset="sentences",
-            # torchscript: its graph runs 1.14x faster in ORT CPU than dynamo's at batch 1 and 8,
-            # seq 128 (benchmarks/results/exporters.md). A plain ORT session fuses neither graph
+            # torchscript: its graph runs 1.11x (batch 1) and 1.22x (batch 8) faster in ORT CPU than
+            # dynamo's, seq 128 (benchmarks/results/exporters.md). A plain ORT session fuses neither graph
             # into Attention (checked: ORT_ENABLE_ALL gives BiasGelu on one, SkipLayerNorm on the
             # other); that fusion is onnxruntime.transformers' optimizer's job.
             exporter="torchscript",
