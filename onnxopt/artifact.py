@@ -24,6 +24,7 @@ __all__ = [
     "save_model",
     "sidecar_path",
     "read_sidecar",
+    "lineage",
     "write_json",
     "write_text",
     "atomic_write_bytes",
@@ -201,6 +202,16 @@ def save_model(
     write_text(sidecar_path(path), side_text)
     logger.info("wrote %s (%d bytes)", path, len(data))
     return sidecar
+
+
+def lineage(model_path: str | os.PathLike, step: dict | None = None) -> dict:
+    """Sidecar metadata for a model derived from the one at ``model_path``: its source, task,
+    dataset and steps carried over (a bare ``.onnx`` file is its own source), plus ``step``."""
+    prev = read_sidecar(model_path) or {}
+    meta = {k: v for k, v in prev.items() if k in ("source", "task", "dataset", "steps")}
+    meta.setdefault("source", {"kind": "onnx", "name": str(model_path)})
+    meta["steps"] = list(meta.get("steps") or []) + ([step] if step else [])
+    return meta
 
 
 def read_sidecar(model_path: str | os.PathLike) -> dict | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .artifact import load_model, read_sidecar, save_model, write_json, write_text
+from .artifact import lineage, load_model, read_sidecar, save_model, write_json, write_text
 from .bench import BenchSettings, bench
 from .errors import BadInput
 from .export import Tolerance, export_spec
@@ -54,8 +54,7 @@ def optimize(
         proto = load_model(src)
         target = out / f"{name}.onnx"
         if src.resolve() != target.resolve():
-            meta = read_sidecar(src) or {"source": {"kind": "onnx", "name": str(src)}, "steps": []}
-            save_model(proto, target, meta)
+            save_model(proto, target, lineage(src))
         sidecar = read_sidecar(target)
         torch_ref = None
     else:

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from . import __version__
-from .artifact import load_model, read_sidecar, save_model
+from .artifact import lineage, load_model, read_sidecar, save_model
 from .errors import BadInput, GateFailed, VerificationFailed
 from .evaluate import agreement, predict
 from .feeds import Dataset, load_dataset, random_feeds
@@ -201,10 +201,7 @@ def quantize(
     decision = {"mode": mode, "chosen": chosen, "why": why, "target": target}
     for s in steps:
         s["onnxopt"] = __version__
-    meta = {k: v for k, v in (prev or {}).items()
-            if k in ("source", "task", "dataset", "steps")}
-    meta.setdefault("source", {"kind": "onnx", "name": str(model_path)})
-    meta["steps"] = list(meta.get("steps") or []) + [{"step": "quantize", **decision, "passes": steps}]
+    meta = lineage(model_path, {"step": "quantize", **decision, "passes": steps})
     meta["quantize"] = decision
     meta["verification"] = verification
     gate = None
@@ -231,7 +228,6 @@ def simplify(model_path: str | Path, output: str | Path, *, level: str = "basic"
     lineage. Returns the output's sidecar (``steps[-1]["stats"]`` has fusions and op counts)."""
     p = Simplify(level=level, transformer=transformer, num_heads=num_heads, hidden_size=hidden_size)
     proto = load_model(model_path)
-    prev = read_sidecar(model_path)
     model, step = _run_step(p, ir.serde.deserialize_model(proto), "simplify")
     out_proto = ir.serde.serialize_model(model)
     verification = _verify(proto, out_proto, None, "cpu")
@@ -240,8 +236,6 @@ def simplify(model_path: str | Path, output: str | Path, *, level: str = "basic"
             raise VerificationFailed(str(output), f"simplified model disagrees with the input on "
                                      f"{case['case']} (cosine {case['cosine_min']:.5f})")
     step["onnxopt"] = __version__
-    meta = {k: v for k, v in (prev or {}).items() if k in ("source", "task", "dataset", "steps")}
-    meta.setdefault("source", {"kind": "onnx", "name": str(model_path)})
-    meta["steps"] = list(meta.get("steps") or []) + [step]
+    meta = lineage(model_path, step)
     meta["verification"] = verification
     return save_model(out_proto, output, meta)

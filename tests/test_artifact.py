@@ -74,3 +74,17 @@ def test_written_files_get_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert p.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
+def test_lineage_carries_steps_over(tmp_path):
+    from onnxopt.artifact import lineage
+
+    bare = tmp_path / "bare.onnx"
+    onnx.save(make_mlp(0), bare)
+    assert lineage(bare, {"step": "x"}) == {"source": {"kind": "onnx", "name": str(bare)}, "steps": [{"step": "x"}]}
+    made = tmp_path / "made.onnx"
+    save_model(make_mlp(0), made, {"source": {"name": "digits-cnn"}, "task": "classification",
+                                   "steps": [{"step": "export"}], "verification": {"passed": True}})
+    meta = lineage(made, {"step": "quantize"})
+    assert meta == {"source": {"name": "digits-cnn"}, "task": "classification",
+                    "steps": [{"step": "export"}, {"step": "quantize"}]}  # old verification not carried
