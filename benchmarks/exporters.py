@@ -20,6 +20,8 @@ from onnxopt.artifact import write_json, write_text
 from onnxopt.bench import BenchSettings
 from onnxopt.report import bench_markdown
 
+from _common import without_temp_paths
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -51,7 +53,7 @@ def main() -> None:
             "dynamo speed vs torchscript = torchscript p50 / dynamo p50 (>1: dynamo's graph is faster).", "",
             "| model | batch | dynamo speed vs torchscript | faster |", "|---|---:|---:|---|"] + rows
     write_text(args.out + ".md", "\n".join(head) + "\n\n" + "\n".join(sections))
-    write_json(args.out + ".json", {"command": command.strip(), "reports": reports})
+    write_json(args.out + ".json", {"command": command.strip(), "reports": without_temp_paths(reports, td)})
     print("\n".join(head))
 
 

@@ -25,6 +25,8 @@ from onnxopt.artifact import write_json, write_text
 from onnxopt.bench import BenchSettings
 from onnxopt.report import bench_markdown
 
+from _common import without_temp_paths
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -68,7 +70,7 @@ def main() -> None:
             "|---|---:|---:|---:|---:|---:|---:|"]
     head += [f"| {m} | {b} | {t} | {o:.3f} | {e:.3f} | {s:.2f}x | {c:.2f}x |" for m, b, t, o, e, s, c in summary]
     write_text(args.out + ".md", "\n".join(head) + "\n\n" + "\n".join(sections))
-    write_json(args.out + ".json", {"command": command.strip(), "reports": reports})
+    write_json(args.out + ".json", {"command": command.strip(), "reports": without_temp_paths(reports, td)})
     print("\n".join(head))
 
 

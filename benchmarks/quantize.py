@@ -29,6 +29,8 @@ from onnxopt.evaluate import predict  # noqa: E402
 from onnxopt.feeds import Dataset  # noqa: E402
 from onnxopt.quantize import quantize  # noqa: E402
 
+from _common import without_temp_paths
+
 
 NOTES = """Notes: batch 1 and 2 threads unless stated; each table is ONE interleaved bench() run, so
 compare ratios within a table only. resnet18/mobilenet_v2 have seeded random weights and are
@@ -134,7 +136,8 @@ def main() -> None:
         lines += ["| model | batch | p50 ms | speed-up vs first row | notes |", "|---|---|---|---|---|"] \
             if key != list(results)[-1] else []
     out = ROOT / "benchmarks" / "results"
-    (out / "quantize.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    (out / "quantize.json").write_text(json.dumps(without_temp_paths(results, tmp), indent=2, sort_keys=True,
+                                                     default=str) + "\n")
     (out / "quantize.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
