@@ -54,7 +54,8 @@ def optimize(
         proto = load_model(src)
         target = out / f"{name}.onnx"
         if src.resolve() != target.resolve():
-            save_model(proto, target, lineage(src))
+            # Same bytes, so the source's own sidecar (its verification included) still holds.
+            save_model(proto, target, read_sidecar(src) or lineage(src))
         sidecar = read_sidecar(target)
         torch_ref = None
     else:
