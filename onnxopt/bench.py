@@ -32,7 +32,7 @@ from .feeds import Dataset, cast_feeds, check_feeds, load_dataset, random_feeds
 from .progress import progress
 from .runtime import available_providers, make_session, ort, run
 
-__all__ = ["BenchSettings", "bench", "file_sizes"]
+__all__ = ["BenchSettings", "bench", "file_sizes", "speed_ratio"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,21 @@ def _time_interleaved(variants: list[_Variant], feeds, settings: BenchSettings, 
             break
     bar.close()
     return lat
+
+
+def speed_ratio(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: dict[str, np.ndarray], *,
+                seconds: float = 1.0, threads: int | None = None, provider: str = "cpu") -> dict:
+    """A quick side-by-side timing of two in-memory models (interleaved as :func:`bench` does):
+    ``{"reference_p50_ms", "candidate_p50_ms", "speedup"}`` (> 1: the candidate is faster).
+    Used by jobs that must refuse a variant slower than its reference."""
+    vs = [_Variant(name, "onnx", None, m, session=make_session(m, provider, threads, name))
+          for name, m in (("reference", reference), ("candidate", candidate))]
+    lat = _time_interleaved(vs, feeds, BenchSettings(duration=seconds, warmup=3, min_rounds=5, memory=False),
+                            "speed check")
+    p50 = {k: float(np.median(v)) * 1000.0 for k, v in lat.items()}
+    return {"reference_p50_ms": round(p50["reference"], 4), "candidate_p50_ms": round(p50["candidate"], 4),
+            "speedup": round(p50["reference"] / p50["candidate"], 3), "seconds": seconds,
+            "provider": provider}
 
 
 def _memory(path: str, feeds: dict[str, np.ndarray], threads: int) -> float | None:

@@ -236,7 +236,10 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized .onnx file.")
 @click.option("--mode", type=click.Choice(["auto", "static", "dynamic", "fp16"]), default="auto", show_default=True,
               help="auto picks by model family and target and says why.")
-@click.option("--data", help="Calibration/evaluation data: 'digits' or an .npz [default: the model's sidecar dataset].")
+@click.option("--data", help="Calibration/evaluation data: 'digits', an .npz/.npy, a folder of images "
+              "(class subfolders give labels) or module:function [default: the model's sidecar dataset].")
+@click.option("--preprocess", type=click.Choice(["imagenet", "unit", "raw"]), default="imagenet", show_default=True,
+              help="How an image folder becomes input: imagenet = resize/centre-crop, /255, ImageNet mean/std.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="Static calibration method.")
@@ -246,10 +249,17 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
 @click.option("--weight-type", type=click.Choice(["uint8", "int8"]), default="int8", show_default=True)
 @click.option("--calibration-samples", type=int, default=128, show_default=True)
 @click.option("--exclude", "exclude", multiple=True, help="Node name to leave in float (repeatable).")
-@click.option("--max-drop", type=float, help="Accuracy gate in points on labelled data; exit 3 when it fails.")
+@click.option("--max-drop", help="Accuracy gate on labelled data: points (0.5, 0.5pt, 1%) or relative "
+              "(2%rel); exit 3 when it fails.")
+@click.option("--fallback/--no-fallback", default=True, show_default=True,
+              help="When the gate fails, leave the most sensitive nodes in float until it holds.")
+@click.option("--max-float-nodes", type=int, help="Cap on nodes the fallback leaves in float "
+              "[default: a quarter of the quantized nodes, at least 8].")
+@click.option("--speed-check/--no-speed-check", default=None,
+              help="Time the result against the input and refuse it when slower [default: after a fallback].")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
-def quantize(model, output, mode, data, target, method, per_channel, fmt, activation_type, weight_type,
-             calibration_samples, exclude, max_drop, as_json):
+def quantize(model, output, mode, data, preprocess, target, method, per_channel, fmt, activation_type, weight_type,
+             calibration_samples, exclude, max_drop, fallback, max_float_nodes, speed_check, as_json):
     """Quantize an ONNX model with expert defaults (INT8 static/dynamic, FP16), verified.
 
     With no options: CNNs get static INT8 as QDQ, uint8 activations and int8 per-channel weights
@@ -261,13 +271,16 @@ def quantize(model, output, mode, data, target, method, per_channel, fmt, activa
       onnxopt quantize digits.onnx -o digits-int8.onnx --data digits --max-drop 0.5
       onnxopt quantize minilm.onnx -o minilm-int8.onnx
       onnxopt quantize resnet18.onnx -o r18-int8.onnx --data calib.npz --method entropy
+      onnxopt quantize resnet18.onnx -o r18-int8.onnx --data val_images/ --max-drop 1%rel
     """
     from . import quantize as api_quantize
     from .report import table, to_json
 
     side = api_quantize(model, output, mode=mode, data=data, target=target, method=method, per_channel=per_channel,
                         format=fmt, activation_type=activation_type, weight_type=weight_type,
-                        calibration_samples=calibration_samples, nodes_to_exclude=tuple(exclude), max_drop=max_drop)
+                        calibration_samples=calibration_samples, nodes_to_exclude=tuple(exclude), max_drop=max_drop,
+                        fallback=fallback, max_float_nodes=max_float_nodes, speed_check=speed_check,
+                        preprocess=preprocess)
     if as_json:
         click.echo(to_json(side))
         return
@@ -282,6 +295,13 @@ def quantize(model, output, mode, data, target, method, per_channel, fmt, activa
         a = ver["accuracy"]
         click.echo(f"accuracy on {a['dataset']} ({a['samples']}): {a['reference']:.4f} -> {a['quantized']:.4f} "
                    f"(drop {a['drop_points']:.2f} points)")
+    fb = side.get("fallback")
+    if fb:
+        click.echo(f"fallback: first try dropped {fb['first_try']['drop_points']:.2f} points; "
+                   f"{len(fb['kept_float'])} node(s) kept in float: {', '.join(fb['kept_float']) or '-'}")
+    if side.get("speed_check"):
+        sc = side["speed_check"]
+        click.echo(f"speed check (batch 1, side by side): {sc['speedup']:.2f}x vs the input")
 
 
 @main.command(context_settings=CONTEXT)

@@ -9,6 +9,7 @@ index (found by following the input to a ``Gather``).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,12 +147,22 @@ def cast_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str
             for k, v in feeds.items() if k in sig}
 
 
-def load_dataset(spec: str, model: onnx.ModelProto | None = None) -> Dataset:
-    """A labelled dataset: a built-in name (``digits``) or an ``.npz`` file.
+def load_dataset(spec, model: onnx.ModelProto | None = None, *, preprocess: str = "imagenet") -> Dataset:
+    """A labelled (or unlabelled) dataset from what the user names:
 
-    An ``.npz`` holds one array per model input (by name; a single unnamed array ``x``/``inputs``
-    is mapped onto a single-input model) and optionally ``labels`` (or ``y``).
+    * a built-in name: ``digits`` (the test split);
+    * an ``.npz`` with one array per model input (by name; a single unnamed array ``x``/``inputs``
+      maps onto a single-input model) and optionally ``labels`` (or ``y``); an ``.npy`` array;
+    * a folder of images (``root/<class>/*.png`` for labels, or images directly in ``root``),
+      preprocessed as ``preprocess`` says (see :mod:`onnxopt.data.images`);
+    * ``module:function`` (or ``path/to/file.py:function``): a Python callable returning a
+      :class:`Dataset`, a dict of input arrays (optionally with ``labels``), an ``(inputs,
+      labels)`` tuple, or an iterable of feed dicts (batches are concatenated);
+    * a :class:`Dataset` (returned as is).
     """
+    if isinstance(spec, Dataset):
+        return spec
+    spec = str(spec)
     if spec == "digits":
         from .data.digits import load_digits_split
 
@@ -162,9 +173,14 @@ def load_dataset(spec: str, model: onnx.ModelProto | None = None) -> Dataset:
             if len(names) == 1:
                 inputs = {names[0]: x_test}
         return Dataset("digits (test split)", inputs, y_test)
+    if Path(spec).is_dir():
+        return _image_folder(spec, model, preprocess)
+    if _CALLABLE.match(spec) and not Path(spec).exists():
+        return _from_callable(spec, model)
     p = Path(spec)
     if p.suffix not in (".npz", ".npy"):
-        raise BadInput(spec, "unknown dataset", "use 'digits' or an .npz file with inputs and labels")
+        raise BadInput(spec, "unknown dataset", "use 'digits', an .npz file with inputs and labels, a folder "
+                       "of images or module:function")
     if not p.exists():
         raise BadInput(spec, "no such file")
     try:
@@ -173,9 +189,14 @@ def load_dataset(spec: str, model: onnx.ModelProto | None = None) -> Dataset:
             else {"x": loaded}
     except Exception as e:  # numpy raises several types for corrupt files
         raise BadInput(spec, f"cannot read it as numpy data ({type(e).__name__})") from None
-    labels = None
+    return _from_arrays(spec, arrays, model, os.path.basename(spec))
+
+
+def _from_arrays(spec: str, arrays: dict, model: onnx.ModelProto | None, name: str,
+                 labels: np.ndarray | None = None) -> Dataset:
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
     for key in ("labels", "label", "y"):
-        if key in arrays:
+        if key in arrays and labels is None:
             labels = arrays.pop(key)
             break
     if not arrays:
@@ -187,6 +208,76 @@ def load_dataset(spec: str, model: onnx.ModelProto | None = None) -> Dataset:
     lengths = {len(v) for v in arrays.values()} | ({len(labels)} if labels is not None else set())
     if len(lengths) != 1:
         raise BadInput(spec, "arrays and labels have different lengths")
-    if labels is not None and labels.dtype.kind not in "iu":
-        raise BadInput(spec, f"labels must be integers, got {labels.dtype}")
-    return Dataset(os.path.basename(spec), arrays, labels)
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu":
+            raise BadInput(spec, f"labels must be integers, got {labels.dtype}")
+    return Dataset(name, arrays, labels)
+
+
+_CALLABLE = re.compile(r"^(?:[A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_]\w*$")
+
+
+def _from_callable(spec: str, model: onnx.ModelProto | None) -> Dataset:
+    """Data from a user's Python function (see :func:`load_dataset`)."""
+    import importlib
+    import importlib.util
+    import sys
+    from collections.abc import Iterable, Mapping
+
+    mod_name, fn_name = spec.rsplit(":", 1)
+    try:
+        if mod_name.endswith(".py"):
+            if not Path(mod_name).is_file():
+                raise BadInput(spec, f"no such file {mod_name}")
+            loader = importlib.util.spec_from_file_location(f"onnxopt_user_data_{Path(mod_name).stem}", mod_name)
+            mod = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(mod_name)
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(spec, f"cannot import '{mod_name}' ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise BadInput(spec, f"'{mod_name}' has no callable '{fn_name}'")
+    try:
+        got = fn()
+    except Exception as e:
+        raise BadInput(spec, f"the data function raised {type(e).__name__}: {e}") from None
+    if isinstance(got, Dataset):
+        return got
+    if isinstance(got, Mapping):
+        return _from_arrays(spec, dict(got), model, spec)
+    if isinstance(got, tuple) and len(got) == 2 and not isinstance(got[1], Mapping):  # (inputs, labels)
+        x, y = got
+        return _from_arrays(spec, dict(x) if isinstance(x, Mapping) else {"x": x}, model, spec, labels=y)
+    if isinstance(got, Iterable) and not isinstance(got, (str, bytes, np.ndarray)):
+        batches = list(got)
+        if not batches or not all(isinstance(b, Mapping) for b in batches):
+            raise BadInput(spec, "returned an iterable that is empty or not of feed dicts "
+                           "({input name: array})")
+        keys = set(batches[0])
+        if any(set(b) != keys for b in batches):
+            raise BadInput(spec, "returned feed dicts with different keys")
+        return _from_arrays(spec, {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in keys},
+                            model, spec)
+    raise BadInput(spec, f"returned a {type(got).__name__}; return a Dataset, a dict of arrays, "
+                   "(inputs, labels) or an iterable of feed dicts")
+
+
+def _image_folder(spec: str, model: onnx.ModelProto | None, preprocess: str) -> Dataset:
+    if model is None:
+        raise BadInput(spec, "an image folder needs the model, to know the input size")
+    sig = io_signature(model)["inputs"]
+    if len(sig) != 1:
+        raise BadInput(spec, f"an image folder feeds one input; the model has {len(sig)}", "use an .npz")
+    from .data.images import load_image_folder
+
+    x, y, classes = load_image_folder(spec, tuple(sig[0]["shape"]), preprocess=preprocess)
+    ds = Dataset(f"{os.path.basename(os.path.normpath(spec))} ({len(x)} images, {preprocess})",
+                 {sig[0]["name"]: x}, y)
+    return ds

@@ -21,17 +21,20 @@ from .artifact import lineage, load_model, read_sidecar, save_model
 from .errors import BadInput, GateFailed, VerificationFailed
 from .evaluate import agreement, predict
 from .feeds import Dataset, load_dataset, random_feeds
-from .passes import ConvertFP16, QuantizeDynamic, QuantizeStatic, Simplify, choose_mode
+from .bench import speed_ratio
+from .passes import ConvertFP16, QuantizeDynamic, QuantizeStatic, QuantPreprocess, Simplify, choose_mode
 from .passes._common import looks_like_transformer, op_counts
 from .passes.quantize import METHODS, FORMATS, QTYPES, TARGETS, refuse_quantized
 from .runtime import available_providers, make_session, run
 
-__all__ = ["quantize", "MODES", "simplify"]
+__all__ = ["quantize", "MODES", "simplify", "parse_max_drop"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "static", "dynamic", "fp16")
 VERIFY_SAMPLES = 256
+# A result timed at less than this speed-up over its input is refused as slower (5% for noise).
+SLOWER_THAN_REFERENCE = 0.95
 
 
 def _sidecar_dataset(sidecar: dict | None) -> str | None:
@@ -40,32 +43,30 @@ def _sidecar_dataset(sidecar: dict | None) -> str | None:
     return name if name == "digits" else None
 
 
-def _calibration_data(data, proto: onnx.ModelProto, sidecar: dict | None) -> tuple[Dataset | None, str | None]:
-    """(calibration dataset, its description). ``digits`` calibrates on the train split."""
+def _calibration_data(data, proto: onnx.ModelProto, sidecar: dict | None, eval_ds: Dataset | None
+                      ) -> tuple[Dataset | None, str | None]:
+    """(calibration dataset, its description). ``digits`` calibrates on the train split; any other
+    data calibrates on the evaluation data itself."""
     if data is None:
         data = _sidecar_dataset(sidecar)
     if data is None:
         return None, None
-    if isinstance(data, Dataset):
-        return data, data.name
-    if data == "digits":
+    if isinstance(data, str) and data == "digits":
         from .data.digits import load_digits_split
 
         x_train, y_train, _, _ = load_digits_split()
         name = proto.graph.input[0].name
         return Dataset("digits (train split)", {name: x_train}, y_train), "digits (train split)"
-    ds = load_dataset(str(data), proto)
-    return ds, ds.name
+    return eval_ds, eval_ds.name
 
 
-def _eval_data(data, proto: onnx.ModelProto, sidecar: dict | None) -> Dataset | None:
+def _eval_data(data, proto: onnx.ModelProto, sidecar: dict | None, preprocess: str = "imagenet"
+               ) -> Dataset | None:
     if data is None:
         data = _sidecar_dataset(sidecar)
     if data is None:
         return None
-    if isinstance(data, Dataset):
-        return data
-    return load_dataset(str(data), proto)
+    return load_dataset(data, proto, preprocess=preprocess)
 
 
 def _head(ds: Dataset, n: int) -> Dataset:
@@ -113,12 +114,110 @@ def _run_step(p, model: ir.Model, name: str) -> tuple[ir.Model, dict]:
         "stats": result.stats}
 
 
+def parse_max_drop(value) -> tuple[float, str] | None:
+    """The accuracy gate: ``0.5``, ``"0.5"``, ``"0.5pt"`` or ``"0.5%"`` -> at most 0.5 accuracy
+    points lost (absolute); ``"2%rel"`` or ``"2rel"`` -> at most 2% of the reference accuracy."""
+    if value is None:
+        return None
+    text = str(value).strip().lower().replace(" ", "")
+    kind = "points"
+    for suffix, k in (("%rel", "relative"), ("rel", "relative"), ("pt", "points"), ("points", "points"),
+                      ("%", "points")):
+        if text.endswith(suffix):
+            text, kind = text[: -len(suffix)], k
+            break
+    try:
+        amount = float(text)
+    except ValueError:
+        raise BadInput("--max-drop", f"'{value}' is not a number of accuracy points (0.5, 0.5pt, 1%) or a "
+                       "relative drop (2%rel)") from None
+    if not np.isfinite(amount) or amount < 0:
+        raise BadInput("--max-drop", "must be >= 0 (accuracy points, or %rel of the reference accuracy)")
+    return amount, kind
+
+
+def _allowed_drop(gate: tuple[float, str], ref_acc: float) -> float:
+    """The gate in accuracy points for a reference accuracy in [0, 1]."""
+    amount, kind = gate
+    return amount if kind == "points" else amount * ref_acc
+
+
+def _accuracy(proto: onnx.ModelProto, ds: Dataset, where: str) -> float:
+    out = predict(proto, ds, where=where)
+    return float((out.argmax(1) == ds.labels).mean())
+
+
+def _candidates(pre: onnx.ModelProto, q: onnx.ModelProto) -> set[str]:
+    """Nodes of the float graph that the quantizer changed: in QDQ they read a DequantizeLinear
+    output; in dynamic/QOperator models they were replaced (their name is gone)."""
+    dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    q_nodes = {n.name: n for n in q.graph.node}
+    out = set()
+    for n in pre.graph.node:
+        if not n.name:
+            continue
+        qn = q_nodes.get(n.name)
+        if qn is None or any(i in dq_out for i in qn.input):
+            out.add(n.name)
+    return out
+
+
+def _fallback(pre_model: ir.Model, first: ir.Model, make_pass, step_name: str, ds: Dataset,
+              ref_acc: float, allowed: float, excluded: tuple[str, ...], max_float: int
+              ) -> tuple[ir.Model, dict, dict]:
+    """Leave the most sensitive activations in float until the gate holds: rank them with
+    ``qdq_loss_debug`` (see :mod:`onnxopt.passes.sensitivity`), then re-quantize with the nodes
+    around the top 1, 2, 4, ... of them excluded, never more than ``max_float`` nodes. Returns
+    (the passing or else most accurate model, its step record, the fallback report)."""
+    from .passes.sensitivity import rank_sensitive_tensors
+
+    pre, q = ir.serde.serialize_model(pre_model), ir.serde.serialize_model(first)
+    cands = _candidates(pre, q) - set(excluded)
+    debug = [f for f, _ in _head(ds, 32).batches(8)]
+    ranked = []
+    for r in rank_sensitive_tensors(pre, q, debug):
+        nodes = [n for n in r["nodes"] if n in cands]
+        if nodes and r["loss_db"] > 0:
+            ranked.append({**r, "nodes": nodes})
+    report: dict = {"ranked": ranked[:20], "max_float_nodes": max_float, "trail": []}
+    best = None
+    k, last = 1, None
+    while ranked and k <= len(ranked):
+        names: tuple[str, ...] = ()
+        for r in ranked[:k]:  # whole groups only: half a group leaves the tensor quantized
+            grown = tuple(dict.fromkeys(names + tuple(r["nodes"])))
+            if len(grown) > max_float:
+                break
+            names = grown
+        if names and names != last:
+            last = names
+            model, step = _run_step(make_pass(tuple(excluded) + names), pre_model, step_name)
+            acc = _accuracy(ir.serde.serialize_model(model), ds, "quantized model")
+            drop = round(100 * (ref_acc - acc), 4)
+            report["trail"].append({"tensors": k, "float_nodes": len(names), "accuracy": acc, "drop_points": drop,
+                                    "passed": drop <= allowed})
+            logger.info("fallback: %d node(s) in float -> accuracy %.4f (drop %.2f points)", len(names), acc, drop)
+            if best is None or acc > best[2]:
+                best = (model, step, acc, names)
+            if drop <= allowed:
+                break
+        if k == len(ranked):
+            break
+        k = min(2 * k, len(ranked))
+    if best is None:
+        report.update(kept_float=[], passed=False)
+        return first, {}, report
+    report["kept_float"] = list(best[3])
+    report["passed"] = any(t["passed"] for t in report["trail"])
+    return best[0], best[1], report
+
+
 def quantize(
     model_path: str | Path,
     output: str | Path,
     *,
     mode: str = "auto",
-    data: str | Dataset | None = None,
+    data=None,
     calibration_samples: int = 128,
     method: str = "minmax",
     per_channel: bool = True,
@@ -128,23 +227,37 @@ def quantize(
     target: str = "cpu",
     fuse_transformer: bool = True,
     nodes_to_exclude: tuple[str, ...] = (),
-    max_drop: float | None = None,
+    max_drop: float | str | None = None,
+    fallback: bool = True,
+    max_float_nodes: int | None = None,
+    speed_check: bool | None = None,
+    preprocess: str = "imagenet",
 ) -> dict:
     """Quantize the ONNX model at ``model_path`` and write it (and its sidecar) to ``output``.
 
     * ``mode``: auto | static | dynamic | fp16.
-    * ``data``: calibration/evaluation data: a built-in dataset name (``digits``), an ``.npz`` file
-      or a :class:`onnxopt.feeds.Dataset`; defaults to the dataset in the input's sidecar. Static
-      quantization needs it. ``digits`` calibrates on the train split and evaluates on the test split.
+    * ``data``: calibration/evaluation data: a built-in dataset name (``digits``), an ``.npz``/``.npy``
+      file, a folder of images, ``module:function`` returning data, or a
+      :class:`onnxopt.feeds.Dataset` (see :func:`onnxopt.feeds.load_dataset`); defaults to the
+      dataset in the input's sidecar. Static quantization needs it. ``digits`` calibrates on the
+      train split and evaluates on the test split; other data is used for both. ``preprocess``
+      (imagenet | unit | raw) says how an image folder becomes input tensors.
     * ``method``, ``per_channel``, ``format``, ``activation_type``, ``weight_type``,
       ``calibration_samples``: static options (see :class:`onnxopt.passes.QuantizeStatic`);
       ``per_channel`` also applies to dynamic.
     * ``target``: cpu | cuda (auto picks fp16 for cuda).
-    * ``max_drop``: accuracy gate in points (e.g. 0.5) on labelled data; raises GateFailed (the
-      model is still written, with the verification in the sidecar).
+    * ``max_drop``: accuracy gate on labelled data: points (``0.5``, ``"0.5pt"``, ``"1%"``) or
+      relative to the reference accuracy (``"2%rel"``).
+    * ``fallback`` (True): when the gate fails, rank nodes by the accuracy they lose
+      (``qdq_loss_debug``) and leave the most sensitive in float until the gate holds -- at most
+      ``max_float_nodes`` (default: a quarter of the quantized nodes, at least 8).
+    * ``speed_check``: time the result against the input side by side and refuse it (GateFailed)
+      when it is slower; ``None`` = only when the fallback left nodes in float.
 
-    Returns the output's sidecar dict (``steps[-1]`` is this step; ``quantize`` says what ran
-    and why; ``verification`` holds agreement and accuracy).
+    Raises GateFailed (exit 3; the model is still written, with the verification in the sidecar)
+    when the gate or the speed check fails. Returns the output's sidecar dict (``steps[-1]`` is this
+    step; ``quantize`` says what ran and why; ``verification`` holds agreement and accuracy;
+    ``fallback`` the ranking, the trail and the nodes kept in float).
     """
     if mode not in MODES:
         raise BadInput("--mode", f"'{mode}' is not one of {', '.join(MODES)}")
@@ -155,8 +268,9 @@ def quantize(
                                  (weight_type, QTYPES, "--weight-type")):
         if value not in allowed:
             raise BadInput(flag, f"'{value}' is not one of {', '.join(allowed)}")
-    if max_drop is not None and max_drop < 0:
-        raise BadInput("--max-drop", "must be >= 0 (accuracy points)")
+    gate_spec = parse_max_drop(max_drop)
+    if max_float_nodes is not None and max_float_nodes < 1:
+        raise BadInput("--max-float-nodes", "must be >= 1")
     proto = load_model(model_path)
     prev = read_sidecar(model_path)
     model = ir.serde.deserialize_model(proto)
@@ -169,57 +283,115 @@ def quantize(
         if mode == "dynamic" and op_counts(model).get("Conv", 0) and not looks_like_transformer(model)[0]:
             raise BadInput("--mode", "dynamic quantization makes convolutional models slower than fp32 "
                            "(ConvInteger runs 4-10x slower than float Conv on x86)", "use --mode static")
+    eval_ds = _eval_data(data, proto, prev, preprocess)
+    if gate_spec is not None and (eval_ds is None or eval_ds.labels is None):
+        raise BadInput("--max-drop", "needs labelled data to measure accuracy", "pass --data")
 
     steps: list[dict] = []
-    calib_name = None
+    excluded = tuple(nodes_to_exclude)
     if chosen == "static":
-        calib, calib_name = _calibration_data(data, proto, prev)
+        calib, calib_name = _calibration_data(data, proto, prev, eval_ds)
         if calib is None:
             raise BadInput("--data", "static quantization needs calibration data",
-                           "pass --data digits, an .npz file with the model's inputs, or a Dataset")
+                           "pass --data digits, an .npz file, an image folder or module:function")
         feeds = [f for f, _ in calib.batches(32)][: max(1, -(-calibration_samples // 32))]
-        p = QuantizeStatic(calibration=feeds, method=method, per_channel=per_channel, format=format,
-                           activation_type=activation_type, weight_type=weight_type,
-                           calibration_samples=calibration_samples, nodes_to_exclude=tuple(nodes_to_exclude))
-        model, step = _run_step(p, model, "quantize-static")
-        step["calibration_data"] = calib_name
-        steps.append(step)
-    elif chosen == "dynamic":
-        if fuse_transformer and looks_like_transformer(model)[0]:
-            model, step = _run_step(Simplify(transformer="bert"), model, "simplify")
-            steps.append(step)
-        model, step = _run_step(QuantizeDynamic(per_channel=per_channel, nodes_to_exclude=tuple(nodes_to_exclude)),
-                                model, "quantize-dynamic")
-        steps.append(step)
-    else:
-        model, step = _run_step(ConvertFP16(), model, "fp16")
+        base, step = _run_step(QuantPreprocess(), model, "quant-preprocess")
         steps.append(step)
 
-    out_proto = ir.serde.serialize_model(model)
+        def make_pass(excl):
+            return QuantizeStatic(calibration=feeds, method=method, per_channel=per_channel, format=format,
+                                  activation_type=activation_type, weight_type=weight_type, preprocess=False,
+                                  calibration_samples=calibration_samples, nodes_to_exclude=excl)
+        step_name = "quantize-static"
+    elif chosen == "dynamic":
+        base = model
+        if fuse_transformer and looks_like_transformer(model)[0]:
+            base, step = _run_step(Simplify(transformer="bert"), model, "simplify")
+            steps.append(step)
+
+        def make_pass(excl):
+            return QuantizeDynamic(per_channel=per_channel, nodes_to_exclude=excl)
+        step_name = "quantize-dynamic"
+    else:
+        base = model
+
+        def make_pass(excl):
+            return ConvertFP16(node_block_list=excl)
+        step_name = "fp16"
+    if excluded:
+        _check_excluded(base, excluded)
+    qmodel, step = _run_step(make_pass(excluded), base, step_name)
+    if chosen == "static":
+        step["calibration_data"] = calib_name
+
     provider = "cuda" if chosen == "fp16" and "cuda" in available_providers() else "cpu"
-    verification = _verify(proto, out_proto, _eval_data(data, proto, prev), provider)
+    fb_report = None
+    if gate_spec is not None and fallback and chosen != "fp16" and provider == "cpu":
+        ds = _head(eval_ds, VERIFY_SAMPLES)
+        ref_acc = _accuracy(proto, ds, "reference")
+        allowed = _allowed_drop(gate_spec, ref_acc)
+        first_acc = _accuracy(ir.serde.serialize_model(qmodel), ds, "quantized model")
+        if 100 * (ref_acc - first_acc) > allowed:
+            n_quant = len(_candidates(ir.serde.serialize_model(base), ir.serde.serialize_model(qmodel)))
+            cap = max_float_nodes if max_float_nodes is not None else max(min(n_quant, 8), n_quant // 4)
+            fb_model, fb_step, fb_report = _fallback(base, qmodel, make_pass, step_name, ds, ref_acc, allowed,
+                                                     excluded, cap)
+            fb_report["first_try"] = {"accuracy": first_acc, "drop_points": round(100 * (ref_acc - first_acc), 4)}
+            if fb_step:
+                qmodel, step = fb_model, fb_step
+                if chosen == "static":
+                    step["calibration_data"] = calib_name
+    steps.append(step)
+
+    out_proto = ir.serde.serialize_model(qmodel)
+    verification = _verify(proto, out_proto, eval_ds, provider)
     decision = {"mode": mode, "chosen": chosen, "why": why, "target": target}
     for s in steps:
         s["onnxopt"] = __version__
     meta = lineage(model_path, {"step": "quantize", **decision, "passes": steps})
     meta["quantize"] = decision
     meta["verification"] = verification
+    if fb_report is not None:
+        meta["fallback"] = fb_report
+    kept_float = bool(fb_report and fb_report.get("kept_float"))
+    speed = None
+    if (speed_check or (speed_check is None and kept_float)) and provider == "cpu":
+        speed = speed_ratio(proto, out_proto, random_feeds(proto, batch=1, seq=128, seed=0))
+        speed["passed"] = speed["speedup"] >= SLOWER_THAN_REFERENCE
+        meta["speed_check"] = speed
     gate = None
     acc = verification.get("accuracy")
-    if max_drop is not None:
-        if acc is None:
-            raise BadInput("--max-drop", "needs labelled data to measure accuracy", "pass --data")
-        gate = {"max_drop_points": max_drop, "drop_points": acc["drop_points"],
-                "passed": acc["drop_points"] <= max_drop}
+    if gate_spec is not None:
+        allowed = _allowed_drop(gate_spec, acc["reference"])
+        gate = {"max_drop": str(max_drop), "kind": gate_spec[1], "max_drop_points": round(allowed, 4),
+                "drop_points": acc["drop_points"], "passed": acc["drop_points"] <= allowed}
         meta["gate"] = gate
     sidecar = save_model(out_proto, output, meta)
     if gate and not gate["passed"]:
+        if fb_report is not None:
+            hint = (f"even with {len(fb_report['kept_float'])} node(s) left in float the gate does not hold; "
+                    "try --method entropy, more --calibration-samples, or a larger --max-float-nodes")
+        else:
+            hint = ("try --method entropy; the fallback (on by default) leaves the most sensitive nodes "
+                    "in float" if not fallback else "fp16 has no fallback; block ops with --exclude")
         err = GateFailed(str(output), f"accuracy dropped {acc['drop_points']:.2f} points, more than "
-                         f"--max-drop {max_drop}", "try --method entropy or --per-channel; "
-                         "leaving sensitive nodes in float (--nodes-to-exclude) is the other lever")
+                         f"--max-drop {max_drop} ({allowed:.2f} points)", hint)
+        err.report = sidecar
+        raise err
+    if speed and not speed["passed"]:
+        err = GateFailed(str(output), f"the quantized model is slower than the input ({speed['speedup']:.2f}x "
+                         "at batch 1)", "fewer nodes in float (--max-float-nodes) or a looser --max-drop")
         err.report = sidecar
         raise err
     return sidecar
+
+
+def _check_excluded(model: ir.Model, names: tuple[str, ...]) -> None:
+    known = {n.name for n in model.graph}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise BadInput("--exclude", f"no node named {', '.join(repr(m) for m in missing)} in the graph",
+                       f"node names look like {', '.join(repr(n) for n in sorted(known)[:3])}")
 
 
 def simplify(model_path: str | Path, output: str | Path, *, level: str = "basic", transformer: str = "auto",

@@ -100,7 +100,7 @@ def dq_weight_scales(model: ir.Model) -> dict[str, np.ndarray]:
 
 
 def test_registry_names():
-    assert set(PASSES) == {"simplify", "quantize-static", "quantize-dynamic", "fp16"}
+    assert {"simplify", "quant-preprocess", "quantize-static", "quantize-dynamic", "fp16"} <= set(PASSES)
     for cls in PASSES.values():
         assert issubclass(cls, ir.passes.FunctionalPass)
 
@@ -271,7 +271,8 @@ def test_quantize_job_static_writes_lineage(tmp_path):
     assert read_sidecar(tmp_path / "cnn.int8.onnx")["sha256"] == side["sha256"]
     assert side["quantize"]["chosen"] == "static" and "Conv" in side["quantize"]["why"]
     step = side["steps"][-1]
-    assert step["step"] == "quantize" and step["passes"][0]["settings"]["activation_type"] == "uint8"
+    assert [p["step"] for p in step["passes"]] == ["quant-preprocess", "quantize-static"]
+    assert step["step"] == "quantize" and step["passes"][-1]["settings"]["activation_type"] == "uint8"
     assert side["verification"]["accuracy"]["samples"] == 16 and side["gate"]["passed"]
     # quantizing the output again is refused
     with pytest.raises(BadInput, match="already quantized"):
@@ -310,7 +311,7 @@ def test_quantize_job_gate_fails(tmp_path):
     x = np.concatenate([b["x"] for b in cnn_batches((64,))])
     np.savez(tmp_path / "d.npz", x=x, labels=ort_out(proto, {"x": x}).argmax(1))
     with pytest.raises(GateFailed, match="accuracy dropped") as e:
-        quantize(src, tmp_path / "o.onnx", data=str(tmp_path / "d.npz"), max_drop=0.5)
+        quantize(src, tmp_path / "o.onnx", data=str(tmp_path / "d.npz"), max_drop=0.5, fallback=False)
     assert e.value.exit_code == 3
     assert e.value.report["gate"]["passed"] is False  # the model and its report are still written
     assert (tmp_path / "o.onnx").exists()

@@ -8,14 +8,15 @@ an ``onnx_ir.Model`` returns :class:`PassResult` (``model``, ``modified``, ``sta
 from __future__ import annotations
 
 from ._common import PassResult
-from .quantize import ConvertFP16, QuantizeDynamic, QuantizeStatic, choose_mode
+from .quantize import ConvertFP16, QuantizeDynamic, QuantizeStatic, QuantPreprocess, choose_mode
 from .simplify import Simplify
 
-__all__ = ["PASSES", "PassResult", "Simplify", "QuantizeStatic", "QuantizeDynamic", "ConvertFP16",
+__all__ = ["PASSES", "PassResult", "Simplify", "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "ConvertFP16",
            "choose_mode"]
 
 PASSES = {
     "simplify": Simplify,
+    "quant-preprocess": QuantPreprocess,
     "quantize-static": QuantizeStatic,
     "quantize-dynamic": QuantizeDynamic,
     "fp16": ConvertFP16,

@@ -40,7 +40,7 @@ from ._common import PassResult, looks_like_transformer, op_counts, quantized_op
 from ._ort import to_proto, via_ort
 
 __all__ = [
-    "QuantizeStatic", "QuantizeDynamic", "ConvertFP16", "CalibrationFeeds", "choose_mode",
+    "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "ConvertFP16", "CalibrationFeeds", "choose_mode",
     "refuse_quantized", "METHODS", "FORMATS", "QTYPES", "TARGETS", "FP16_BLOCK_LIST",
 ]
 
@@ -170,6 +170,28 @@ def _preprocess(src: Path, dst: Path) -> str:
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
         return "quant_pre_process (without symbolic shape inference)"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPreprocess(ir.passes.FunctionalPass):
+    """``onnxruntime.quantization.shape_inference.quant_pre_process`` as a pass of its own: shape
+    inference and ORT's basic fusions (Conv+BatchNorm and the like) before static quantization.
+
+    The quantize job runs it as a separate step so that the accuracy-aware fallback can compare
+    the quantized model with the very float graph the quantizer saw (same node names).
+    """
+
+    def settings(self) -> dict:
+        return {}
+
+    def call(self, model: ir.Model) -> PassResult:
+        refuse_quantized(model, "model")
+        before = op_counts(model)
+        new, how = via_ort(model, lambda s, d, w: _preprocess(s, d), where="quant_pre_process")
+        after = op_counts(new)
+        return PassResult(new, modified=True, stats={
+            "how": how, "ops_before": before, "ops_after": after,
+            "nodes_before": sum(before.values()), "nodes_after": sum(after.values())})
 
 
 @dataclasses.dataclass(frozen=True)
