@@ -313,8 +313,10 @@ def quantize(model, output, mode, data, preprocess, target, method, per_channel,
               help="onnxruntime.transformers fusions (Attention, SkipLayerNorm, BiasGelu).")
 @click.option("--num-heads", type=int, default=0, help="Attention heads [default: detected from the graph].")
 @click.option("--hidden-size", type=int, default=0, help="Hidden size [default: detected from the graph].")
+@click.option("--gelu-approximation", is_flag=True, help="Fuse Gelu as FastGelu (tanh approximation; faster, "
+              "max abs error ~5e-4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
-def simplify(model, output, level, transformer, num_heads, hidden_size, as_json):
+def simplify(model, output, level, transformer, num_heads, hidden_size, gelu_approximation, as_json):
     """Simplify an ONNX graph: constant folding, ORT offline fusions, transformer fusions; verified.
 
     \b
@@ -326,7 +328,7 @@ def simplify(model, output, level, transformer, num_heads, hidden_size, as_json)
     from .report import to_json
 
     side = api_simplify(model, output, level=level, transformer=transformer, num_heads=num_heads,
-                        hidden_size=hidden_size)
+                        hidden_size=hidden_size, gelu_approximation=gelu_approximation)
     if as_json:
         click.echo(to_json(side))
         return

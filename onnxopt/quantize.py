@@ -306,7 +306,7 @@ def quantize(
     elif chosen == "dynamic":
         base = model
         if fuse_transformer and looks_like_transformer(model)[0]:
-            base, step = _run_step(Simplify(transformer="bert"), model, "simplify")
+            base, step = _run_step(Simplify(transformer="bert", gelu_approximation=True), model, "simplify")
             steps.append(step)
 
         def make_pass(excl):
@@ -395,10 +395,11 @@ def _check_excluded(model: ir.Model, names: tuple[str, ...]) -> None:
 
 
 def simplify(model_path: str | Path, output: str | Path, *, level: str = "basic", transformer: str = "auto",
-             num_heads: int = 0, hidden_size: int = 0) -> dict:
+             num_heads: int = 0, hidden_size: int = 0, gelu_approximation: bool = False) -> dict:
     """Run :class:`onnxopt.passes.Simplify`, verify against the input (random inputs), write with
     lineage. Returns the output's sidecar (``steps[-1]["stats"]`` has fusions and op counts)."""
-    p = Simplify(level=level, transformer=transformer, num_heads=num_heads, hidden_size=hidden_size)
+    p = Simplify(level=level, transformer=transformer, num_heads=num_heads, hidden_size=hidden_size,
+                 gelu_approximation=gelu_approximation)
     proto = load_model(model_path)
     model, step = _run_step(p, ir.serde.deserialize_model(proto), "simplify")
     out_proto = ir.serde.serialize_model(model)

@@ -97,3 +97,37 @@ def test_detect_heads_hidden_from_layernorm_and_reshape_concat():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert detect_heads_hidden(ir.serde.deserialize_model(model)) == (4, 32)
     assert detect_heads_hidden(ir.serde.deserialize_model(make_mlp())) == (0, 0)
+
+
+def _gelu_graph() -> onnx.ModelProto:
+    """x[batch,8] -> MatMul -> Add(bias) -> erf-Gelu (as torch exports it) -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(1.4142135381698608, np.float32), "sqrt2"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
+             helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["h", "e1"], ["g"]),
+             helper.make_node("Mul", ["g", "half"], ["y"])]
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_gelu_approximation_fuses_fastgelu():
+    proto = _gelu_graph()
+    exact = Simplify(transformer="bert")(ir.serde.deserialize_model(proto))
+    approx = Simplify(transformer="bert", gelu_approximation=True)(ir.serde.deserialize_model(proto))
+    assert "FastGelu" not in exact.stats["ops_after"] and "Erf" not in exact.stats["ops_after"]
+    assert approx.stats["ops_after"].get("FastGelu") == 1
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32) * 3
+    ref = _run(proto, {"x": x})
+    np.testing.assert_allclose(_run(ir.serde.serialize_model(exact.model), {"x": x}), ref, rtol=1e-5, atol=1e-5)
+    err = np.abs(_run(ir.serde.serialize_model(approx.model), {"x": x}) - ref).max()
+    assert 0 < err < 2e-3  # the tanh approximation: close, not exact

@@ -94,12 +94,16 @@ class Simplify(ir.passes.FunctionalPass):
     * ``level``: ``basic`` | ``extended`` ORT graph optimization level.
     * ``transformer``: ``auto`` (fuse when the graph looks like a transformer) | ``bert`` | ``none``.
     * ``num_heads``, ``hidden_size``: for the transformer fusions; 0 = detect from the graph.
+    * ``gelu_approximation`` (False): fuse Gelu as ``FastGelu`` (the tanh approximation, max abs
+      error ~5e-4): ~5% faster on MiniLM. Numerics change slightly, so it is off for plain
+      simplification; the quantize job turns it on before INT8, whose error is far larger.
     """
 
     level: str = "basic"
     transformer: str = "auto"
     num_heads: int = 0
     hidden_size: int = 0
+    gelu_approximation: bool = False
 
     def __post_init__(self):
         if self.level not in LEVELS:
@@ -154,12 +158,15 @@ class Simplify(ir.passes.FunctionalPass):
             raise BadInput("simplify", f"ONNX Runtime cannot load the model: {str(e).strip()[:200]}") from None
 
     def _fuse(self, src: Path, dst: Path, heads: int, hidden: int) -> dict:
+        from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
+        options = FusionOptions("bert")
+        options.enable_gelu_approximation = bool(self.gelu_approximation)
         # optimize_model prints progress and warnings on stdout; keep stdout for data.
         with contextlib.redirect_stdout(io.StringIO()):
             opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
-                                 opt_level=1 if self.level == "basic" else 2)
+                                 opt_level=1 if self.level == "basic" else 2, optimization_options=options)
             fused = {k: int(v) for k, v in sorted(opt.get_fused_operator_statistics().items()) if v}
             opt.save_model_to_file(str(dst))
         return {"fusions": fused}
