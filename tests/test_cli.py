@@ -176,3 +176,27 @@ def test_quantize_digits_end_to_end(tmp_path):
     _assert_clean_error(run_cli("quantize", q, "-o", again), again, "already quantized")
     res = run_cli("quantize", fp32, "-o", again, "--mode", "turbo")
     assert res.returncode == 2 and "turbo" in res.stderr and not again.exists()
+
+
+def test_quantize_fallback_and_gate_errors_from_the_shell(tmp_path):
+    import numpy as np
+    import onnx
+
+    from onnxopt.runtime import make_session
+    from test_fallback import make_outlier_mlp
+
+    proto = make_outlier_mlp()
+    src = tmp_path / "mlp.onnx"
+    onnx.save(proto, src)
+    x = np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, labels=make_session(proto).run(None, {"x": x})[0].argmax(1))
+    q = tmp_path / "q.onnx"
+    res = run_cli("quantize", src, "-o", q, "--data", tmp_path / "d.npz", "--max-drop", "1pt", "--no-speed-check")
+    assert res.returncode == 0, res.stderr
+    assert "fallback: first try dropped" in res.stdout and "3 node(s) kept in float" in res.stdout
+    bad = tmp_path / "bad.onnx"
+    _assert_clean_error(run_cli("quantize", src, "-o", bad, "--data", tmp_path / "d.npz", "--max-drop", "lots"),
+                        bad, "--max-drop", "'lots'")
+    res = run_cli("quantize", src, "-o", bad, "--data", tmp_path / "d.npz", "--max-drop", "1", "--no-fallback")
+    assert res.returncode == 3 and "accuracy dropped" in res.stderr and "Traceback" not in res.stderr
+    assert bad.exists()  # a failed gate still writes the model and its report
