@@ -211,8 +211,10 @@ def _strip_nondeterminism(model: onnx.ModelProto) -> None:
 
 
 def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", opset: int | None = None,
-                dynamic: bool = True, tolerance: Tolerance | None = None, verify: bool = True) -> dict:
-    """Export ``spec`` to ``output``, verify it, write it with its sidecar. Returns the sidecar."""
+                dynamic: bool = True, tolerance: Tolerance | None = None, verify: bool = True,
+                steps_before: list[dict] | None = None) -> dict:
+    """Export ``spec`` to ``output``, verify it, write it with its sidecar. Returns the sidecar.
+    ``steps_before``: lineage steps done to the torch model before export (e.g. pruning)."""
     if exporter not in EXPORTERS:
         raise BadInput("--exporter", f"'{exporter}' is not one of {', '.join(EXPORTERS)}")
     chosen = spec.exporter if exporter == "auto" else exporter
@@ -260,7 +262,7 @@ def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", 
             k: v for k, v in spec.extra.items() if isinstance(v, (str, int, float, list, tuple))}},
         "task": spec.task,
         "dataset": spec.dataset,
-        "steps": [{
+        "steps": list(steps_before or []) + [{
             "step": "export",
             "exporter": chosen,
             "exporter_choice": "measured default for this model" if exporter == "auto" else "user",
