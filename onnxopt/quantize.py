@@ -144,6 +144,9 @@ def _allowed_drop(gate: tuple[float, str], ref_acc: float) -> float:
 
 def _accuracy(proto: onnx.ModelProto, ds: Dataset, where: str) -> float:
     out = predict(proto, ds, where=where)
+    if out.ndim != 2:
+        raise BadInput("--max-drop", f"accuracy needs class scores [batch, classes]; the model's first output "
+                       f"has shape {list(out.shape)}")
     return float((out.argmax(1) == ds.labels).mean())
 
 
@@ -362,6 +365,9 @@ def quantize(
     gate = None
     acc = verification.get("accuracy")
     if gate_spec is not None:
+        if acc is None:
+            raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's first "
+                           "output")
         allowed = _allowed_drop(gate_spec, acc["reference"])
         gate = {"max_drop": str(max_drop), "kind": gate_spec[1], "max_drop_points": round(allowed, 4),
                 "drop_points": acc["drop_points"], "passed": acc["drop_points"] <= allowed}

@@ -260,3 +260,15 @@ def test_quantize_calibrates_from_a_callable(tmp_path):
     onnx.save(_cnn_proto(), src)
     side = quantize(src, tmp_path / "q.onnx", data=f"{tmp_path / 'mydata.py'}:batches")
     assert side["steps"][-1]["passes"][-1]["stats"]["calibration"]["samples"] == 12
+
+
+def test_gate_needs_class_scores(tmp_path):
+    from test_quantize import make_tiny_transformer
+
+    src = tmp_path / "tf.onnx"
+    onnx.save(make_tiny_transformer(), src)
+    ids = np.random.default_rng(0).integers(0, 40, size=(8, 5)).astype(np.int64)
+    np.savez(tmp_path / "d.npz", input_ids=ids, labels=np.zeros(8, np.int64))
+    with pytest.raises(BadInput, match="class scores"):
+        quantize(src, tmp_path / "q.onnx", data=str(tmp_path / "d.npz"), max_drop=1)
+    assert not (tmp_path / "q.onnx").exists()
