@@ -9,137 +9,31 @@ and why, the passes' stats and the verification against the input model.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from . import __version__
 from .artifact import lineage, load_model, read_sidecar, save_model
-from .errors import BadInput, GateFailed, VerificationFailed
-from .evaluate import agreement, predict
-from .feeds import Dataset, load_dataset, random_feeds
 from .bench import speed_ratio
+from .errors import BadInput, GateFailed, VerificationFailed
+from .evaluate import predict
+from .feeds import Dataset, random_feeds
+from .jobs import (VERIFY_SAMPLES, allowed_drop, calibration_data, eval_data, head, parse_max_drop, run_step,
+                   verify_variant)
 from .passes import ConvertFP16, QuantizeDynamic, QuantizeStatic, QuantPreprocess, Simplify, choose_mode
 from .passes._common import looks_like_transformer, op_counts
 from .passes.quantize import METHODS, FORMATS, QTYPES, TARGETS, refuse_quantized
-from .runtime import available_providers, make_session, run
+from .runtime import available_providers
 
 __all__ = ["quantize", "MODES", "simplify", "parse_max_drop"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "static", "dynamic", "fp16")
-VERIFY_SAMPLES = 256
 # A result timed at less than this speed-up over its input is refused as slower (5% for noise).
 SLOWER_THAN_REFERENCE = 0.95
-
-
-def _sidecar_dataset(sidecar: dict | None) -> str | None:
-    """The dataset named in the input's sidecar, when onnxopt can load it by name."""
-    name = (sidecar or {}).get("dataset")
-    return name if name == "digits" else None
-
-
-def _calibration_data(data, proto: onnx.ModelProto, sidecar: dict | None, eval_ds: Dataset | None
-                      ) -> tuple[Dataset | None, str | None]:
-    """(calibration dataset, its description). ``digits`` calibrates on the train split; any other
-    data calibrates on the evaluation data itself."""
-    if data is None:
-        data = _sidecar_dataset(sidecar)
-    if data is None:
-        return None, None
-    if isinstance(data, str) and data == "digits":
-        from .data.digits import load_digits_split
-
-        x_train, y_train, _, _ = load_digits_split()
-        name = proto.graph.input[0].name
-        return Dataset("digits (train split)", {name: x_train}, y_train), "digits (train split)"
-    return eval_ds, eval_ds.name
-
-
-def _eval_data(data, proto: onnx.ModelProto, sidecar: dict | None, preprocess: str = "imagenet"
-               ) -> Dataset | None:
-    if data is None:
-        data = _sidecar_dataset(sidecar)
-    if data is None:
-        return None
-    return load_dataset(data, proto, preprocess=preprocess)
-
-
-def _head(ds: Dataset, n: int) -> Dataset:
-    return Dataset(ds.name, {k: v[:n] for k, v in ds.inputs.items()},
-                   None if ds.labels is None else ds.labels[:n])
-
-
-def _verify(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | None, provider: str) -> dict:
-    """Agreement of ``new`` with ``ref`` on random inputs (batch 1 and 4) and real data; accuracy
-    of both when the data is labelled. Raises VerificationFailed on wrong shapes or NaN/Inf."""
-    res: dict = {"provider": provider, "cases": []}
-    try:
-        s_ref, s_new = make_session(ref, provider), make_session(new, provider, where="quantized model")
-    except BadInput as e:
-        if provider == "cpu":
-            return {"verified": False, "reason": f"cannot run on the CPU provider here: {e.problem}"}
-        raise
-    for batch in (1, 4):
-        feeds = random_feeds(ref, batch=batch, seq=32, seed=batch)
-        r, o = run(s_ref, feeds)[0], run(s_new, feeds, "quantized model")[0]
-        m = agreement(r, o)
-        res["cases"].append({"case": f"random batch {batch}", **m})
-        if not m["shape_ok"] or not np.isfinite(o).all():
-            raise VerificationFailed("quantized model", f"random batch {batch}: output has the wrong shape "
-                                     "or non-finite values")
-    if ds is not None:
-        ds = _head(ds, VERIFY_SAMPLES)
-        r, o = predict(ref, ds, where="reference"), predict(new, ds, where="quantized model")
-        res["cases"].append({"case": ds.name, "samples": len(ds), **agreement(r, o)})
-        if ds.labels is not None and r.ndim == 2:
-            acc_r = float((r.argmax(1) == ds.labels).mean())
-            acc_o = float((o.argmax(1) == ds.labels).mean())
-            res["accuracy"] = {"dataset": ds.name, "samples": len(ds), "reference": acc_r,
-                               "quantized": acc_o, "drop_points": round(100 * (acc_r - acc_o), 4)}
-    res["verified"] = True
-    return res
-
-
-def _run_step(p, model: ir.Model, name: str) -> tuple[ir.Model, dict]:
-    t0 = time.perf_counter()
-    result = p(model)
-    return result.model, {"step": name, "settings": p.settings() if hasattr(p, "settings") else {
-        f: getattr(p, f) for f in p.__dataclass_fields__}, "seconds": round(time.perf_counter() - t0, 3),
-        "nodes_before": result.stats.get("nodes_before"), "nodes_after": result.stats.get("nodes_after"),
-        "stats": result.stats}
-
-
-def parse_max_drop(value) -> tuple[float, str] | None:
-    """The accuracy gate: ``0.5``, ``"0.5"``, ``"0.5pt"`` or ``"0.5%"`` -> at most 0.5 accuracy
-    points lost (absolute); ``"2%rel"`` or ``"2rel"`` -> at most 2% of the reference accuracy."""
-    if value is None:
-        return None
-    text = str(value).strip().lower().replace(" ", "")
-    kind = "points"
-    for suffix, k in (("%rel", "relative"), ("rel", "relative"), ("pt", "points"), ("points", "points"),
-                      ("%", "points")):
-        if text.endswith(suffix):
-            text, kind = text[: -len(suffix)], k
-            break
-    try:
-        amount = float(text)
-    except ValueError:
-        raise BadInput("--max-drop", f"'{value}' is not a number of accuracy points (0.5, 0.5pt, 1%) or a "
-                       "relative drop (2%rel)") from None
-    if not np.isfinite(amount) or amount < 0:
-        raise BadInput("--max-drop", "must be >= 0 (accuracy points, or %rel of the reference accuracy)")
-    return amount, kind
-
-
-def _allowed_drop(gate: tuple[float, str], ref_acc: float) -> float:
-    """The gate in accuracy points for a reference accuracy in [0, 1]."""
-    amount, kind = gate
-    return amount if kind == "points" else amount * ref_acc
 
 
 def _accuracy(proto: onnx.ModelProto, ds: Dataset, where: str) -> float:
@@ -176,7 +70,7 @@ def _fallback(pre_model: ir.Model, first: ir.Model, make_pass, step_name: str, d
 
     pre, q = ir.serde.serialize_model(pre_model), ir.serde.serialize_model(first)
     cands = _candidates(pre, q) - set(excluded)
-    debug = [f for f, _ in _head(ds, 32).batches(8)]
+    debug = [f for f, _ in head(ds, 32).batches(8)]
     ranked = []
     for r in rank_sensitive_tensors(pre, q, debug):
         nodes = [n for n in r["nodes"] if n in cands]
@@ -194,7 +88,7 @@ def _fallback(pre_model: ir.Model, first: ir.Model, make_pass, step_name: str, d
             names = grown
         if names and names != last:
             last = names
-            model, step = _run_step(make_pass(tuple(excluded) + names), pre_model, step_name)
+            model, step = run_step(make_pass(tuple(excluded) + names), pre_model, step_name)
             acc = _accuracy(ir.serde.serialize_model(model), ds, "quantized model")
             drop = round(100 * (ref_acc - acc), 4)
             report["trail"].append({"tensors": k, "float_nodes": len(names), "accuracy": acc, "drop_points": drop,
@@ -286,19 +180,19 @@ def quantize(
         if mode == "dynamic" and op_counts(model).get("Conv", 0) and not looks_like_transformer(model)[0]:
             raise BadInput("--mode", "dynamic quantization makes convolutional models slower than fp32 "
                            "(ConvInteger runs 4-10x slower than float Conv on x86)", "use --mode static")
-    eval_ds = _eval_data(data, proto, prev, preprocess)
+    eval_ds = eval_data(data, proto, prev, preprocess)
     if gate_spec is not None and (eval_ds is None or eval_ds.labels is None):
         raise BadInput("--max-drop", "needs labelled data to measure accuracy", "pass --data")
 
     steps: list[dict] = []
     excluded = tuple(nodes_to_exclude)
     if chosen == "static":
-        calib, calib_name = _calibration_data(data, proto, prev, eval_ds)
+        calib, calib_name = calibration_data(data, proto, prev, eval_ds)
         if calib is None:
             raise BadInput("--data", "static quantization needs calibration data",
                            "pass --data digits, an .npz file, an image folder or module:function")
         feeds = [f for f, _ in calib.batches(32)][: max(1, -(-calibration_samples // 32))]
-        base, step = _run_step(QuantPreprocess(), model, "quant-preprocess")
+        base, step = run_step(QuantPreprocess(), model, "quant-preprocess")
         steps.append(step)
 
         def make_pass(excl):
@@ -309,7 +203,7 @@ def quantize(
     elif chosen == "dynamic":
         base = model
         if fuse_transformer and looks_like_transformer(model)[0]:
-            base, step = _run_step(Simplify(transformer="bert", gelu_approximation=True), model, "simplify")
+            base, step = run_step(Simplify(transformer="bert", gelu_approximation=True), model, "simplify")
             steps.append(step)
 
         def make_pass(excl):
@@ -323,16 +217,16 @@ def quantize(
         step_name = "fp16"
     if excluded:
         _check_excluded(base, excluded)
-    qmodel, step = _run_step(make_pass(excluded), base, step_name)
+    qmodel, step = run_step(make_pass(excluded), base, step_name)
     if chosen == "static":
         step["calibration_data"] = calib_name
 
     provider = "cuda" if chosen == "fp16" and "cuda" in available_providers() else "cpu"
     fb_report = None
     if gate_spec is not None and fallback and chosen != "fp16" and provider == "cpu":
-        ds = _head(eval_ds, VERIFY_SAMPLES)
+        ds = head(eval_ds, VERIFY_SAMPLES)
         ref_acc = _accuracy(proto, ds, "reference")
-        allowed = _allowed_drop(gate_spec, ref_acc)
+        allowed = allowed_drop(gate_spec, ref_acc)
         first_acc = _accuracy(ir.serde.serialize_model(qmodel), ds, "quantized model")
         if 100 * (ref_acc - first_acc) > allowed:
             n_quant = len(_candidates(ir.serde.serialize_model(base), ir.serde.serialize_model(qmodel)))
@@ -347,7 +241,7 @@ def quantize(
     steps.append(step)
 
     out_proto = ir.serde.serialize_model(qmodel)
-    verification = _verify(proto, out_proto, eval_ds, provider)
+    verification = verify_variant(proto, out_proto, eval_ds, provider)
     decision = {"mode": mode, "chosen": chosen, "why": why, "target": target}
     for s in steps:
         s["onnxopt"] = __version__
@@ -368,7 +262,7 @@ def quantize(
         if acc is None:
             raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's first "
                            "output")
-        allowed = _allowed_drop(gate_spec, acc["reference"])
+        allowed = allowed_drop(gate_spec, acc["reference"])
         gate = {"max_drop": str(max_drop), "kind": gate_spec[1], "max_drop_points": round(allowed, 4),
                 "drop_points": acc["drop_points"], "passed": acc["drop_points"] <= allowed}
         meta["gate"] = gate
@@ -407,9 +301,9 @@ def simplify(model_path: str | Path, output: str | Path, *, level: str = "basic"
     p = Simplify(level=level, transformer=transformer, num_heads=num_heads, hidden_size=hidden_size,
                  gelu_approximation=gelu_approximation)
     proto = load_model(model_path)
-    model, step = _run_step(p, ir.serde.deserialize_model(proto), "simplify")
+    model, step = run_step(p, ir.serde.deserialize_model(proto), "simplify")
     out_proto = ir.serde.serialize_model(model)
-    verification = _verify(proto, out_proto, None, "cpu")
+    verification = verify_variant(proto, out_proto, None, "cpu")
     for case in verification.get("cases", []):
         if case.get("cosine_min", 1.0) < 0.999:
             raise VerificationFailed(str(output), f"simplified model disagrees with the input on "

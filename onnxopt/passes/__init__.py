@@ -8,11 +8,12 @@ an ``onnx_ir.Model`` returns :class:`PassResult` (``model``, ``modified``, ``sta
 from __future__ import annotations
 
 from ._common import PassResult
+from .prune import PruneChannels, PruneMasks
 from .quantize import ConvertFP16, QuantizeDynamic, QuantizeStatic, QuantPreprocess, choose_mode
 from .simplify import Simplify
 
 __all__ = ["PASSES", "PassResult", "Simplify", "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "ConvertFP16",
-           "choose_mode"]
+           "choose_mode", "PruneMasks", "PruneChannels"]
 
 PASSES = {
     "simplify": Simplify,
@@ -20,4 +21,6 @@ PASSES = {
     "quantize-static": QuantizeStatic,
     "quantize-dynamic": QuantizeDynamic,
     "fp16": ConvertFP16,
+    "prune-masks": PruneMasks,
+    "prune-channels": PruneChannels,
 }

@@ -1,0 +1,167 @@
+"""The prune job: load an artifact, run a pruning pass, verify, write.
+
+``prune(model_path, output, ...)`` is what ``onnxopt prune`` calls. ``method`` picks the pass:
+
+* ``channel`` -- :class:`onnxopt.passes.prune.PruneChannels`: whole channels removed, the model
+  gets smaller and faster; with data, consumers are re-fitted on calibration data (no training).
+* ``magnitude`` / ``nm`` -- :class:`onnxopt.passes.prune.PruneMasks`: weights zeroed, shapes kept;
+  ONNX Runtime on CPU runs no faster, the gain is the compressed (gzip) size.
+
+The output's sidecar records the lineage, the settings, the pass's per-layer table, parameters and
+raw/gzip bytes before and after, and the verification against the input model (random inputs,
+and the data when given: agreement, and accuracy in points when it is labelled).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from . import __version__
+from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model
+from .errors import BadInput, GateFailed
+from .feeds import Dataset
+from .passes.prune import IMPORTANCES, MASK_METHODS, SCOPES, PruneChannels, PruneMasks, count_params
+from .passes.quantize import refuse_quantized
+from .jobs import allowed_drop, calibration_data, eval_data, parse_max_drop, run_step, verify_variant
+
+__all__ = ["prune", "METHODS"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("channel",) + MASK_METHODS
+CALIBRATION_BATCH = 32
+
+
+def _sizes(proto: onnx.ModelProto) -> dict:
+    data = model_bytes(proto)
+    return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, compresslevel=6, mtime=0))}
+
+
+def prune(
+    model_path: str | Path,
+    output: str | Path,
+    *,
+    method: str = "channel",
+    amount: float = 0.5,
+    importance: str = "auto",
+    reconstruct: bool | None = None,
+    round_to: int = 1,
+    skip: tuple[str, ...] = (),
+    threshold: float | None = None,
+    scope: str = "layer",
+    n: int = 2,
+    m: int = 4,
+    data: str | Dataset | None = None,
+    calibration_samples: int = 256,
+    max_drop: float | str | None = None,
+    preprocess: str = "imagenet",
+) -> dict:
+    """Prune the ONNX model at ``model_path`` and write it (and its sidecar) to ``output``.
+
+    * ``method``: channel | magnitude | nm.
+    * ``amount``: fraction removed, in (0, 1): channels per group (channel) or weights (magnitude).
+    * ``importance`` (channel): auto | l1 | l2 | activation; ``auto`` is activation-aware when
+      there is data (on digits-cnn: +1-6 points over l1/l2 at 60-80 % of the channels,
+      within one test image at 50 %), else l2.
+    * ``reconstruct`` (channel): re-fit consumers on calibration data; ``None`` = when there is data.
+    * ``round_to`` (channel): kept channel counts rounded to a multiple (e.g. 8).
+    * ``skip``: fnmatch patterns of node names left untouched.
+    * ``threshold``, ``scope`` (layer | global): magnitude options; ``n``, ``m``: the N:M pattern.
+    * ``data``: anything :func:`onnxopt.feeds.load_dataset` reads (``digits``, ``.npz``/``.npy``, an
+      image folder, ``module:function``) or a Dataset; defaults to the dataset in the input's
+      sidecar. ``digits`` calibrates on the train split and evaluates on the test split; other data
+      is used for both. ``preprocess`` (imagenet | unit | raw) is for image folders.
+    * ``calibration_samples``: at most this many samples are used for calibration.
+    * ``max_drop``: accuracy gate on labelled data, points (``0.5``, ``"1%"``) or relative
+      (``"2%rel"``); raises GateFailed after writing the model and its sidecar.
+
+    Returns the output's sidecar dict (``prune`` has the summary, ``steps[-1]["passes"][0]
+    ["stats"]`` the per-layer table, ``verification`` the agreement and accuracy).
+    """
+    if method not in METHODS:
+        raise BadInput("--method", f"'{method}' is not one of {', '.join(METHODS)}")
+    if importance not in IMPORTANCES:
+        raise BadInput("--importance", f"'{importance}' is not one of {', '.join(IMPORTANCES)}")
+    if scope not in SCOPES:
+        raise BadInput("--scope", f"'{scope}' is not one of {', '.join(SCOPES)}")
+    gate_spec = parse_max_drop(max_drop)
+    if int(calibration_samples) < 1:
+        raise BadInput("--calibration-samples", "must be >= 1")
+    proto = load_model(model_path)
+    prev = read_sidecar(model_path)
+    model = ir.serde.deserialize_model(proto)
+    refuse_quantized(model, str(model_path))
+
+    eval_ds = eval_data(data, proto, prev, preprocess)
+    if gate_spec is not None and (eval_ds is None or eval_ds.labels is None):
+        raise BadInput("--max-drop", "needs labelled data to measure accuracy", "pass --data")
+    calib_name = None
+    if method == "channel":
+        calib, calib_name = calibration_data(data, proto, prev, eval_ds)
+        feeds = None
+        if calib is not None:
+            n_batches = max(1, -(-calibration_samples // CALIBRATION_BATCH))
+            feeds = [f for f, _ in calib.batches(CALIBRATION_BATCH)][:n_batches]
+        if reconstruct is None:
+            reconstruct = feeds is not None
+            if not reconstruct:
+                logger.warning("no data: channels are removed without re-fitting the layers after them "
+                               "(expect a large accuracy drop; pass data to reconstruct)")
+        p = PruneChannels(amount=amount, importance=importance, calibration=feeds, reconstruct=reconstruct,
+                          round_to=round_to, skip=tuple(skip), calibration_samples=calibration_samples)
+        step_name = "prune-channels"
+    else:
+        p = PruneMasks(method=method, amount=amount, threshold=threshold, scope=scope, n=n, m=m, skip=tuple(skip))
+        step_name = "prune-masks"
+    new_model, step = run_step(p, model, step_name)
+    if calib_name:
+        step["calibration_data"] = calib_name
+    step["onnxopt"] = __version__
+    out_proto = ir.serde.serialize_model(new_model)
+
+    verification = verify_variant(proto, out_proto, eval_ds, "cpu", label="pruned")
+    acc = verification.get("accuracy")
+    stats = step["stats"]
+    before, after = _sizes(proto), _sizes(out_proto)
+    params_before, params_after = count_params(model), count_params(new_model)
+    summary = {
+        "method": method, "amount": None if method == "nm" or threshold is not None else amount,
+        "params_before": params_before, "params_after": params_after,
+        "params_ratio": round(params_after / max(params_before, 1), 6),
+        "bytes_before": before["bytes"], "bytes_after": after["bytes"],
+        "gzip_bytes_before": before["gzip_bytes"], "gzip_bytes_after": after["gzip_bytes"],
+        "gzip_ratio": round(after["gzip_bytes"] / max(before["gzip_bytes"], 1), 6),
+        "skipped_layers": len(stats.get("skipped", [])), "warnings": stats.get("warnings", []),
+    }
+    if method == "channel":
+        summary.update(importance=stats["importance"], reconstruct=stats["reconstruct"], round_to=round_to,
+                       calibration_data=calib_name, calibration_samples=stats["calibration_samples"])
+    else:
+        summary.update(sparsity=stats["sparsity"], model_sparsity=stats["model_sparsity"],
+                       pattern=stats.get("pattern"), scope=stats.get("scope"))
+    meta = lineage(model_path, {"step": "prune", "method": method, "passes": [step]})
+    meta["prune"] = summary
+    meta["verification"] = verification
+    gate = None
+    if gate_spec is not None:
+        if acc is None:
+            raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's first "
+                           "output")
+        allowed = allowed_drop(gate_spec, acc["reference"])
+        gate = {"max_drop": str(max_drop), "kind": gate_spec[1], "max_drop_points": round(allowed, 4),
+                "drop_points": acc["drop_points"], "passed": acc["drop_points"] <= allowed}
+        meta["gate"] = gate
+    sidecar = save_model(out_proto, output, meta)
+    if gate and not gate["passed"]:
+        hint = ("prune less (--amount), give more calibration data, or --skip sensitive layers"
+                if method == "channel" else "prune less (--amount) or --skip sensitive layers")
+        err = GateFailed(str(output), f"accuracy dropped {acc['drop_points']:.2f} points, more than --max-drop "
+                         f"{max_drop} ({allowed:.2f} points)", hint)
+        err.report = sidecar
+        raise err
+    return sidecar
