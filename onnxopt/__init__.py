@@ -17,11 +17,12 @@ from .evaluate import evaluate  # noqa: E402
 from .export import Tolerance, export  # noqa: E402
 from .feeds import load_dataset  # noqa: E402
 from .optimize import optimize  # noqa: E402
+from .prune import prune  # noqa: E402
 from .quantize import quantize, simplify  # noqa: E402
 from .sources import list_models as models  # noqa: E402
 
 benchmark = bench
 
-__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "evaluate", "models", "load_dataset",
+__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "prune", "evaluate", "models", "load_dataset",
            "BenchSettings", "Tolerance", "OnnxoptError", "BadInput", "VerificationFailed", "GateFailed",
            "__version__"]

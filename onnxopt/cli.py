@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .errors import OnnxoptError
+from .errors import BadInput, OnnxoptError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -335,6 +335,106 @@ def simplify(model, output, level, transformer, num_heads, hidden_size, gelu_app
     st = side["steps"][-1]["stats"]
     fus = ", ".join(f"{k} {v}" for k, v in sorted((st.get("fusions") or {}).items()) if v) or "none"
     click.echo(f"{output}: nodes {st.get('nodes_before')} -> {st.get('nodes_after')}; fusions: {fus}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the pruned .onnx file.")
+@click.option("--method", type=click.Choice(["channel", "magnitude", "nm"]), default="channel", show_default=True,
+              help="channel: remove whole channels (smaller and faster); magnitude / nm: zero weights "
+              "(smaller under gzip only).")
+@click.option("--amount", type=float, default=0.5, show_default=True,
+              help="Fraction removed: channels per coupled group (channel) or weights (magnitude).")
+@click.option("--importance", type=click.Choice(["auto", "l1", "l2", "activation"]), default="auto",
+              show_default=True, help="Channel score; auto = activation-aware with data, else L2.")
+@click.option("--reconstruct/--no-reconstruct", default=None,
+              help="Re-fit the layers after pruned channels by least squares on the data [default: with data].")
+@click.option("--round-to", type=int, default=1, show_default=True, help="Kept channel counts rounded to a multiple.")
+@click.option("--skip", multiple=True, help="fnmatch pattern of node names left alone (repeatable).")
+@click.option("--threshold", type=float, help="magnitude: zero |w| below this instead of --amount.")
+@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
+              help="magnitude: one threshold per layer or one for all layers.")
+@click.option("--nm", "nm", default="2:4", show_default=True, help="nm: keep N of every M weights (N:M).")
+@click.option("--data", help="Calibration/evaluation data: 'digits', .npz/.npy, an image folder or module:function "
+              "[default: the model's sidecar dataset].")
+@click.option("--preprocess", type=click.Choice(["imagenet", "unit", "raw"]), default="imagenet", show_default=True,
+              help="How an image folder becomes input.")
+@click.option("--calibration-samples", type=int, default=256, show_default=True)
+@click.option("--max-drop", help="Accuracy gate: points (0.5, 1%) or relative (2%rel); exit 3 when it fails.")
+@click.option("--finetune-epochs", type=int, help="Torch source only: prune with Torch-Pruning, fine-tune N epochs "
+              "on --data, export and verify.")
+@click.option("--weights", help="Torch factory source: a state_dict file.")
+@click.option("--input-shape", help="Torch factory source: input shape, e.g. 1x3x224x224.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
+def prune(model, output, method, amount, importance, reconstruct, round_to, skip, threshold, scope, nm, data,
+          preprocess, calibration_samples, max_drop, finetune_epochs, weights, input_shape, as_json):
+    """Prune a model: structured channel pruning that really shrinks tensors, or weight masks.
+
+    An .onnx file is pruned on the graph itself (no torch, no training): channels are removed
+    across coupled layers and, with --data, the layers after them are re-fitted by least squares
+    so accuracy holds. A built-in model or module:function with --finetune-epochs is pruned in
+    torch (Torch-Pruning), fine-tuned, exported and verified.
+
+    \b
+    Examples:
+      onnxopt prune digits.onnx -o digits-pruned.onnx --data digits --amount 0.5 --max-drop 1
+      onnxopt prune resnet18.onnx -o r18-half.onnx --data calib.npz --round-to 8
+      onnxopt prune resnet18.onnx -o r18-sparse.onnx --method nm --nm 2:4
+      onnxopt prune digits-cnn -o digits-ft.onnx --finetune-epochs 2 --data digits
+    """
+    from . import prune as api_prune
+    from .report import table, to_json
+
+    try:
+        n, m = (int(v) for v in nm.split(":"))
+    except ValueError:
+        raise BadInput("--nm", f"'{nm}' is not N:M", "write it like 2:4") from None
+    side = api_prune(model, output, method=method, amount=amount, importance=importance, reconstruct=reconstruct,
+                     round_to=round_to, skip=tuple(skip), threshold=threshold, scope=scope, n=n, m=m, data=data,
+                     preprocess=preprocess, calibration_samples=calibration_samples, max_drop=max_drop,
+                     finetune_epochs=finetune_epochs, weights=weights, input_shape=input_shape)
+    if as_json:
+        click.echo(to_json(side))
+        return
+    summ = side.get("prune")
+    if summ is None:  # the torch route: prune + fine-tune + export
+        st = side["steps"][0]
+        click.echo(f"{output}: {st['library']}, {st['amount']:.0%} channels, {st['epochs']} epoch(s) on "
+                   f"{st['training_data']}; params {st['params_before']:,} -> {st['params_after']:,} "
+                   f"({st['params_ratio']:.3f}x); export verified against the pruned network")
+        return
+    click.echo(f"{output}: {summ['method']}; params {summ['params_before']:,} -> {summ['params_after']:,} "
+               f"({summ['params_ratio']:.3f}x); bytes {summ['bytes_before']:,} -> {summ['bytes_after']:,}; "
+               f"gzip {summ['gzip_bytes_before']:,} -> {summ['gzip_bytes_after']:,} ({summ['gzip_ratio']:.2f}x)")
+    if summ["method"] != "channel":
+        click.echo(f"sparsity {summ['sparsity']:.3f} of the pruned layers. Zeros do not make ONNX Runtime on CPU "
+                   "faster: the gain is the compressed size above.")
+    stats = side["steps"][-1]["passes"][0]["stats"]
+    layers = stats.get("layers") or []
+    if layers:
+        def cell(key, v):
+            if isinstance(v, float):
+                return f"{v:.3f}"
+            if isinstance(v, list) and key == "shape":
+                return "x".join(map(str, v))
+            if isinstance(v, list) and len(v) == 2 and key != "nodes":
+                return f"{v[0]:,} -> {v[1]:,}"
+            return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+
+        keys = [k for k in ("node", "weight", "op", "shape", "in_channels", "out_channels", "params", "zeros",
+                            "sparsity") if k in layers[0]]
+        click.echo(table(keys, [[cell(k, row.get(k)) for k in keys] for row in layers[:25]]))
+        if len(layers) > 25:
+            click.echo(f"... {len(layers) - 25} more layers in --json")
+    for sk in stats.get("skipped", [])[:10]:
+        click.echo(f"left alone: {sk.get('node') or sk.get('weight') or sk}: {sk.get('reason', '')}")
+    for w in summ.get("warnings", []):
+        click.echo(f"warning: {w}", err=True)
+    ver = side["verification"]
+    if ver.get("accuracy"):
+        a = ver["accuracy"]
+        click.echo(f"accuracy on {a['dataset']} ({a['samples']}): {a['reference']:.4f} -> {a['pruned']:.4f} "
+                   f"(drop {a['drop_points']:.2f} points)")
 
 
 if __name__ == "__main__":  # pragma: no cover

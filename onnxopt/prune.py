@@ -15,6 +15,7 @@ and the data when given: agreement, and accuracy in points when it is labelled).
 from __future__ import annotations
 
 import gzip
+import inspect
 import logging
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from .passes.prune import IMPORTANCES, MASK_METHODS, SCOPES, PruneChannels, Prun
 from .passes.quantize import refuse_quantized
 from .jobs import allowed_drop, calibration_data, eval_data, parse_max_drop, run_step, verify_variant
 
-__all__ = ["prune", "METHODS"]
+__all__ = ["prune", "prune_onnx", "METHODS"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,53 @@ def _sizes(proto: onnx.ModelProto) -> dict:
 
 
 def prune(
+    model: str | Path,
+    output: str | Path,
+    *,
+    finetune_epochs: int | None = None,
+    weights: str | None = None,
+    input_shape: str | None = None,
+    lr: float = 1e-3,
+    **options,
+) -> dict:
+    """Prune a model and write the result (and its sidecar) to ``output``.
+
+    * An ``.onnx`` file is pruned on the graph, no torch needed: :func:`prune_onnx` (``options``
+      are its keyword arguments).
+    * A built-in model name or a factory ``module:function`` (with ``weights``/``input_shape``) is
+      pruned in torch with Torch-Pruning and fine-tuned for ``finetune_epochs`` on labelled
+      ``data``, then exported and verified: :func:`onnxopt.prune_torch.prune_finetune`.
+    """
+    from .sources import is_onnx_path
+
+    if is_onnx_path(str(model)):
+        if finetune_epochs is not None:
+            raise BadInput("--finetune-epochs", f"fine-tuning needs the torch source, not the ONNX file {model}",
+                           "name a built-in model or a factory module:function")
+        if weights is not None or input_shape is not None:
+            raise BadInput("--weights", "only applies to a torch source, not to an ONNX file")
+        return prune_onnx(model, output, **options)
+    if finetune_epochs is None:
+        raise BadInput(str(model), "pruning a torch model goes through fine-tuning",
+                       "pass --finetune-epochs N (and --data), or export it and prune the .onnx file")
+    method = options.pop("method", "channel")
+    if method != "channel":
+        raise BadInput("--method", f"fine-tuning prunes channels; '{method}' applies to ONNX files")
+    unsupported = sorted(k for k, v in options.items() if k not in ("amount", "importance", "data", "round_to")
+                         and v not in (None, (), PRUNE_DEFAULTS.get(k)))
+    if unsupported:
+        raise BadInput("--" + unsupported[0].replace("_", "-"), "does not apply to fine-tuning a torch model")
+    from .prune_torch import prune_finetune
+
+    importance = options.get("importance", "auto")
+    round_to = options.get("round_to", 1)
+    return prune_finetune(str(model), output, amount=options.get("amount", 0.5), epochs=int(finetune_epochs),
+                          data=options.get("data"), importance="l1" if importance == "auto" else importance,
+                          round_to=None if round_to in (None, 1) else round_to, weights=weights,
+                          input_shape=input_shape, lr=lr)
+
+
+def prune_onnx(
     model_path: str | Path,
     output: str | Path,
     *,
@@ -165,3 +213,8 @@ def prune(
         err.report = sidecar
         raise err
     return sidecar
+
+
+# Defaults of prune_onnx's options, to tell a user which flags the torch route ignores.
+PRUNE_DEFAULTS = {k: v.default for k, v in inspect.signature(prune_onnx).parameters.items()
+                  if v.default is not inspect.Parameter.empty}

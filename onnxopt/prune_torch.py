@@ -119,7 +119,9 @@ def prune_finetune(model: str, output: str | Path, *, amount: float = 0.5, epoch
     net.eval()
     train_s = time.perf_counter() - t0
     pruned = dataclasses.replace(spec, build=lambda: net, summary=f"{spec.summary} (pruned {amount:.0%})")
-    step = {"step": "prune-finetune", "library": f"torch-pruning {getattr(tp, '__version__', '?')}",
+    from importlib.metadata import version
+
+    step = {"step": "prune-finetune", "library": f"torch-pruning {version('torch-pruning')}",
             "amount": float(amount), "importance": importance, "round_to": round_to, "epochs": int(epochs),
             "lr": lr, "batch": batch, "seed": seed, "training_data": train.name, "train_losses": losses,
             "params_before": int(params_before), "params_after": int(params_after),

@@ -21,7 +21,8 @@ def run_cli(*args, cwd=None):
                           cwd=cwd or ROOT, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("cmd", [[], ["models"], ["export"], ["bench"], ["optimize"]])
+@pytest.mark.parametrize("cmd", [[], ["models"], ["export"], ["bench"], ["optimize"], ["quantize"], ["simplify"],
+                                 ["prune"]])
 def test_help_shows_an_example(cmd):
     res = CliRunner().invoke(main, cmd + ["--help"])
     assert res.exit_code == 0 and "Example" in res.output
@@ -200,3 +201,24 @@ def test_quantize_fallback_and_gate_errors_from_the_shell(tmp_path):
     res = run_cli("quantize", src, "-o", bad, "--data", tmp_path / "d.npz", "--max-drop", "1", "--no-fallback")
     assert res.returncode == 3 and "accuracy dropped" in res.stderr and "Traceback" not in res.stderr
     assert bad.exists()  # a failed gate still writes the model and its report
+
+
+def test_prune_digits_from_the_shell(tmp_path):
+    fp32 = tmp_path / "d.onnx"
+    assert run_cli("export", "digits-cnn", "-o", fp32).returncode == 0
+    out = tmp_path / "dp.onnx"
+    res = run_cli("prune", fp32, "-o", out, "--data", "digits", "--amount", "0.5", "--max-drop", "1.5")
+    assert res.returncode == 0, res.stderr
+    assert "(0.255x)" in res.stdout and "32 -> 16" in res.stdout and "left alone: node_linear" in res.stdout
+    side = json.loads((tmp_path / "dp.onnxopt.json").read_text())
+    assert [s["step"] for s in side["steps"]] == ["export", "prune"] and side["gate"]["passed"]
+    # pruned + INT8 compose: quantize reads the pruned artifact and keeps its lineage
+    q = tmp_path / "dpq.onnx"
+    res = run_cli("quantize", out, "-o", q, "--json")
+    assert res.returncode == 0, res.stderr
+    assert [s["step"] for s in json.loads(res.stdout)["steps"]] == ["export", "prune", "quantize"]
+    bad = tmp_path / "bad.onnx"
+    _assert_clean_error(run_cli("prune", fp32, "-o", bad, "--amount", "1.5"), bad, "--amount")
+    _assert_clean_error(run_cli("prune", fp32, "-o", bad, "--finetune-epochs", "1"), bad, "--finetune-epochs",
+                        "torch source")
+    _assert_clean_error(run_cli("prune", "digits-cnn", "-o", bad), bad, "--finetune-epochs")
