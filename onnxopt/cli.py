@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -193,42 +194,151 @@ def bench(models, batch, threads, providers, duration, warmup, seq_len, no_memor
     click.echo(to_json(report) if as_json else bench_table(report))
 
 
+def _gate_options() -> list:
+    return [
+        click.option("--max-drop", help="Gate: accuracy drop on labelled data, points (0.5, 1%) or relative (2%rel)."),
+        click.option("--min-agreement", type=float, help="Gate without labels: top-1 agreement (classifiers) or "
+                     "min cosine with the reference, e.g. 0.99."),
+        click.option("--min-speedup", type=float, help="Gate: speed-up vs the reference at the first batch size."),
+        click.option("--max-size-mb", type=float, help="Gate: size on disk in MB."),
+        click.option("--max-p90-ms", type=float, help="Gate: p90 latency at the first batch size."),
+    ]
+
+
+def _print_search(report: dict) -> None:
+    from .report import search_table
+
+    click.echo(search_table(report))
+    if report.get("best"):
+        click.echo(f"\nbest: {report['best']}")
+    out = report.get("out") or str(Path(report["best"]).parent if report.get("best") else ".")
+    click.echo(f"report: {out}/report.html, {out}/report.md, {out}/report.json")
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("model", default="digits-cnn")
 @click.option("-o", "--out", type=click.Path(), help="Output folder [default: out/<model>].")
 @_apply(_source_options)
 @_apply(_bench_options(batch="1,8", duration=2.0))
+@_apply(_gate_options())
+@click.option("--search/--no-search", default=None,
+              help="Run the auto search [default: when a gate is given].")
+@click.option("--budget", type=float, help="Time budget for the search in seconds.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="What the search optimizes for.")
 @click.option("--no-torch", is_flag=True, help="Do not time PyTorch eager as an extra row.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, batch, threads, providers, duration,
-             warmup, seq_len, no_memory, data, no_torch, as_json):
-    """The main job: export, verify and benchmark MODEL (default: digits-cnn).
+             warmup, seq_len, no_memory, data, max_drop, min_agreement, min_speedup, max_size_mb, max_p90_ms, search,
+             budget, target, no_torch, as_json):
+    """The main job: export, verify and benchmark MODEL (default: digits-cnn), or search.
 
     MODEL is a built-in name, a factory `module:function` or a .onnx file. Writes the verified
-    model, its sidecar, report.json and report.md to the output folder.
+    model, its sidecar, report.json and report.md to the output folder. With a gate (--max-drop,
+    --min-agreement, ...) it searches: simplification, INT8 (QDQ/QOperator), channel pruning with
+    reconstruction and their combinations -- and, for a torch source with the built-in digits
+    data, pruning + fine-tuning -- are built, gated on the data (cheap checks first), timed side
+    by side, and the fastest variant that holds every gate is written as best.onnx, with the
+    Pareto front and a latency-vs-accuracy plot in report.html. Exit 3 when no variant passes.
 
     \b
     Examples:
       onnxopt optimize
+      onnxopt optimize digits-cnn --max-drop 0.5 --batch 450
+      onnxopt optimize resnet18.onnx --data calib.npz --min-agreement 0.99 --budget 120
       onnxopt optimize resnet18 --batch 1,8 --threads 1,2
-      onnxopt optimize model.onnx --data val.npz --json
     """
     from . import optimize as api_optimize
     from .report import bench_table, to_json, verification_table
 
     report = api_optimize(model, out, exporter=exporter, opset=opset, input_shape=input_shape, dtype=dtype,
                           weights=weights, task=task, data=data, torch_eager=not no_torch,
-                          settings=_settings(batch, threads, providers, duration, warmup, seq_len, no_memory))
+                          settings=_settings(batch, threads, providers, duration, warmup, seq_len, no_memory),
+                          search=search, max_drop=max_drop, min_agreement=min_agreement, min_speedup=min_speedup,
+                          max_size_mb=max_size_mb, max_p90_ms=max_p90_ms, budget_s=budget, target=target)
     if as_json:
         click.echo(to_json(report))
         return
     art = report["artifact"]
     click.echo(f"model: {report['out']}/{art['model']}  ({art['bytes']:,} bytes, sha256 {art['sha256'][:12]})")
-    if art.get("verification"):
+    if art.get("verification") and "tolerance" in art["verification"]:
         click.echo(verification_table(art["verification"]))
     click.echo("")
+    if report.get("kind") == "search":
+        _print_search(report)
+        return
     click.echo(bench_table(report["bench"]))
     click.echo(f"\nreport: {report['out']}/report.md, {report['out']}/report.json")
+
+
+@main.command("run", context_settings=CONTEXT)
+@click.argument("recipe", type=click.Path())
+@click.option("-o", "--out", type=click.Path(), help="Output folder [default: the recipe's out, or out/<recipe>].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def run_cmd(recipe, out, as_json):
+    """Run a declarative recipe (YAML or JSON): a model, data, steps or a search, and gates.
+
+    The recipe is validated before any work starts (unknown keys and passes are errors that name
+    the line and suggest the nearest name). Finished steps are cached by content hash, so a re-run
+    reuses them and gives the same bytes. Exit codes: 0 every gate holds, 3 a gate failed (the
+    report says which and by how much), 2 bad input.
+
+    \b
+    Example recipe (digits.yaml):
+      model: digits-cnn
+      data: digits
+      target: {batch: [450], threads: 2}
+      steps:
+        - pass: prune-channels
+          amount: 0.25
+        - quant-preprocess
+        - pass: quantize-static
+      gates: {max_drop: 0.5, min_speedup: 1.5}
+    \b
+    Examples:
+      onnxopt run digits.yaml
+      onnxopt run search.yaml --json | jq .chosen
+    """
+    from .recipe import run_recipe
+    from .report import to_json
+
+    try:
+        report = run_recipe(recipe, out)
+    except OnnxoptError as e:
+        if getattr(e, "report", None) is not None and not as_json:
+            _print_search(e.report)
+        raise
+    if as_json:
+        click.echo(to_json(report))
+        return
+    _print_search(report)
+
+
+@main.command("report", context_settings=CONTEXT)
+@click.argument("run_dir", type=click.Path())
+def report_cmd(run_dir):
+    """Re-render report.md and report.html (with the latency-vs-accuracy plot) from a run's
+    report.json, and print the table.
+
+    \b
+    Example:
+      onnxopt report out/digits-cnn
+    """
+    import json as _json
+
+    from .recipe import write_reports
+
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise BadInput(str(run_dir), "has no report.json", "point at a folder written by optimize --max-drop or run")
+    try:
+        report = _json.loads(path.read_text())
+    except ValueError:
+        raise BadInput(str(path), "is not valid JSON") from None
+    if report.get("kind") != "search":
+        raise BadInput(str(path), "is not a search or recipe report", "run optimize with a gate, or onnxopt run")
+    write_reports(report, Path(run_dir))
+    _print_search(report)
 
 
 @main.command(context_settings=CONTEXT)

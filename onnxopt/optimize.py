@@ -1,8 +1,10 @@
 """The main job: from a model to a verified, measured ONNX artifact and a report.
 
-For now: export + verification + side-by-side benchmark of the fp32 reference (against PyTorch
-eager when the source is a torch model). Later passes (simplify, quantize, prune, ...) plug in
-between export and benchmark.
+Export (or take) the model and verify it against PyTorch. Then either benchmark the fp32
+reference (against PyTorch eager when the source is a torch model), or -- with a gate
+(``max_drop``, ``min_agreement``, ...) or ``search=True`` -- run the accuracy-gated auto search
+(:func:`onnxopt.recipe.search`): every variant that fits the model is built, gated on the data,
+timed side by side, and the fastest one that holds the gates is written as ``out/best.onnx``.
 """
 
 from __future__ import annotations
@@ -40,37 +42,65 @@ def optimize(
     settings: BenchSettings | None = None,
     tolerance: Tolerance | None = None,
     torch_eager: bool = True,
+    search: bool | None = None,
+    max_drop: float | str | None = None,
+    min_agreement: float | None = None,
+    min_speedup: float | None = None,
+    max_size_mb: float | None = None,
+    max_p90_ms: float | None = None,
+    budget_s: float | None = None,
+    target: str = "cpu",
 ) -> dict:
-    """Export (or take) ``model``, verify it, benchmark it, write ``out/report.{json,md}``.
+    """Export (or take) ``model``, verify it, then benchmark it -- or search -- and write
+    ``out/report.{json,md}`` (and ``report.html`` for a search).
 
     ``model``: a built-in name, a factory ``module:function`` or a ``.onnx`` file.
     ``data``: a labelled dataset for accuracy; defaults to the model's built-in dataset.
+    Gates (see :class:`onnxopt.recipe.Gates`) turn the search on; ``search=True`` searches with
+    whatever gates are given (none: every variant passes and the fastest wins). ``budget_s``
+    bounds the search; ``target`` (cpu | cuda) picks its search space. Raises GateFailed (exit 3)
+    when no variant holds the gates (the report is written).
     """
+    from .recipe import Gates
+
+    gates = Gates(max_drop=max_drop, min_agreement=min_agreement, min_speedup=min_speedup,
+                  max_size_mb=max_size_mb, max_p90_ms=max_p90_ms)
+    if search is None:
+        search = bool(gates.active())
     settings = settings or BenchSettings(batches=(1, 8), duration=2.0)
     if is_onnx_path(model):
         src = Path(model)
         name = _safe_name(src.stem)
         out = Path(out or Path("out") / name)
         proto = load_model(src)
-        target = out / f"{name}.onnx"
-        if src.resolve() != target.resolve():
+        model_path = out / f"{name}.onnx"
+        if src.resolve() != model_path.resolve():
             # Same bytes, so the source's own sidecar (its verification included) still holds.
-            save_model(proto, target, read_sidecar(src) or lineage(src))
-        sidecar = read_sidecar(target)
+            save_model(proto, model_path, read_sidecar(src) or lineage(src))
+        sidecar = read_sidecar(model_path)
         torch_ref = None
     else:
         spec = resolve(model, input_shape=input_shape, dtype=dtype, weights=weights, task=task)
         name = _safe_name(spec.name.replace(":", "-"))
         out = Path(out or Path("out") / name)
-        target = out / f"{name}.onnx"
-        logger.info("exporting %s -> %s", spec.name, target)
-        sidecar = export_spec(spec, target, exporter=exporter, opset=opset, tolerance=tolerance)
+        model_path = out / f"{name}.onnx"
+        logger.info("exporting %s -> %s", spec.name, model_path)
+        sidecar = export_spec(spec, model_path, exporter=exporter, opset=opset, tolerance=tolerance)
         if data is None and spec.task == "classification":
             data = spec.dataset  # labelled data for accuracy; other tasks get agreement
         torch_ref = model if torch_eager else None
     if out.exists() and not out.is_dir():
         raise BadInput(str(out), "exists and is not a folder")
-    report_bench = bench([target], settings=settings, data=data, torch_ref=torch_ref,
+    if search:
+        from .recipe import search as run_search
+
+        report = run_search(model_path, out, data=data, gates=gates, settings=settings, budget_s=budget_s,
+                            target=target, source=None if is_onnx_path(model) else model)
+        report["artifact"] = sidecar
+        report["model"] = model
+        report["out"] = str(out)
+        return report
+    report_bench = bench([model_path], settings=settings, data=data, torch_ref=torch_ref,
                          names=[f"{name} (ONNX fp32)"])
     report = {"kind": "optimize", "model": model, "out": str(out), "artifact": sidecar,
               "bench": report_bench}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-__all__ = ["table", "bench_table", "bench_markdown", "verification_table", "to_json", "human_bytes"]
+__all__ = ["table", "bench_table", "bench_markdown", "verification_table", "to_json", "human_bytes",
+           "search_table", "search_markdown", "search_html", "scatter_png"]
 
 
 def human_bytes(n: int | float | None) -> str:
@@ -119,3 +120,113 @@ def to_json(obj) -> str:
     from .artifact import _json_default
 
     return json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+
+
+# ---- search / recipe reports -------------------------------------------------------------------
+
+def _variant_rows(report: dict) -> tuple[list[str], list[list]]:
+    rows = []
+    has_acc = "accuracy" in report["reference_row"]
+    headers = ["variant", "status", "accuracy" if has_acc else "agreement", "p50 ms", "p90 ms", "speedup", "size",
+               "pareto", "gates"]
+    for r in [report["reference_row"]] + report["variants"]:
+        quality = r.get("accuracy") if has_acc else r.get("agreement")
+        gates = "; ".join(f"{g['gate']} {'ok' if g['passed'] else 'FAIL'} ({_fmt(g['value'])} vs {_fmt(g['limit'])})"
+                          for g in r.get("gates", [])) or r.get("reason", "")
+        status = r["status"] + (" (chosen)" if r["name"] == report.get("chosen") else "")
+        rows.append([r["name"], status, _fmt(quality, 4), _fmt(r.get("p50_ms")), _fmt(r.get("p90_ms")),
+                     f"{r['speedup']:.2f}x" if r.get("speedup") else "-", human_bytes(r.get("bytes")),
+                     "yes" if r.get("pareto") else "", gates])
+    return headers, rows
+
+
+def search_table(report: dict) -> str:
+    headers, rows = _variant_rows(report)
+    return table(headers, rows, "llrrrrrll") + f"\nchosen: {report.get('chosen') or 'none'} -- {report['why']}"
+
+
+def scatter_png(report: dict) -> bytes | None:
+    """Latency vs quality scatter (PNG bytes), the Pareto front joined by a line; None when
+    matplotlib is missing or nothing was timed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import io
+
+    rows = [r for r in [report["reference_row"]] + report["variants"] if r.get("p50_ms") is not None]
+    if not rows:
+        return None
+    key = "accuracy" if "accuracy" in report["reference_row"] else "agreement"
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for r in rows:
+        color = "tab:green" if r["name"] == report.get("chosen") else ("tab:blue" if r.get("pareto") else "tab:gray")
+        ax.scatter(r["p50_ms"], r.get(key, 0.0), s=40 + r["bytes"] / max(x["bytes"] for x in rows) * 160,
+                   color=color, alpha=0.8, edgecolors="black", linewidths=0.5)
+        ax.annotate(r["name"], (r["p50_ms"], r.get(key, 0.0)), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["p50_ms"])
+    if len(front) > 1:
+        ax.plot([r["p50_ms"] for r in front], [r.get(key, 0.0) for r in front], "--", color="tab:blue", lw=1)
+    ax.set_xlabel("p50 latency (ms), batch %s" % report["settings"]["batches"][0])
+    ax.set_ylabel(key)
+    ax.set_title("variants: latency vs %s (marker size = size on disk; green = chosen)" % key, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def search_markdown(report: dict) -> str:
+    headers, rows = _variant_rows(report)
+    out = ["# onnxopt search report", "",
+           f"- reference: {report['reference']}", f"- data: {report.get('data') or 'none'}; calibration: "
+           f"{report.get('calibration_data') or 'none'}",
+           f"- gates: {json.dumps(report['gates'])}",
+           f"- chosen: **{report.get('chosen') or 'none'}** -- {report['why']}",
+           f"- Pareto front (latency, quality, size): {', '.join(report['pareto_front']) or '-'}",
+           "- latencies: one interleaved run, thread spinning off; compare ratios within this table", "",
+           "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    out += ["", "The HTML report (report.html) has the latency-vs-quality plot."]
+    return "\n".join(out) + "\n"
+
+
+def search_html(report: dict) -> str:
+    """A self-contained page: summary, the scatter plot (PNG embedded), every variant's row."""
+    import base64
+    import html
+
+    headers, rows = _variant_rows(report)
+    png = scatter_png(report)
+    # onload records the decoded size on <body>, so a headless browser test can tell it rendered
+    img = (f'<img id="plot" alt="latency vs quality" onload="document.body.dataset.plot='
+           f'this.naturalWidth+\'x\'+this.naturalHeight" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+           if png else '<p id="plot">(plot unavailable: install matplotlib, the "report" extra)</p>')
+    head_cells = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "\n".join("<tr" + (' class="chosen"' if r[0] == report.get("chosen") else "") + ">"
+                     + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    e = html.escape
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>onnxopt report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}tr.chosen{{background:#e6f4e6}}
+code{{background:#f4f4f4}}</style></head><body>
+<h1>onnxopt search report</h1>
+<ul><li>reference: <code>{e(report['reference'])}</code></li>
+<li>data: {e(str(report.get('data') or 'none'))}; calibration: {e(str(report.get('calibration_data') or 'none'))}</li>
+<li>gates: <code>{e(json.dumps(report['gates']))}</code></li>
+<li>chosen: <b id="chosen">{e(str(report.get('chosen') or 'none'))}</b> &mdash; {e(report['why'])}</li>
+<li>Pareto front: {e(', '.join(report['pareto_front']) or '-')}</li></ul>
+{img}
+<table id="variants"><thead><tr>{head_cells}</tr></thead><tbody>
+{body}
+</tbody></table>
+<p>Latencies come from one interleaved run with thread spinning off; only ratios within this page are meaningful.</p>
+</body></html>
+"""
