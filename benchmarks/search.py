@@ -1,0 +1,82 @@
+"""The accuracy-gated auto search (`onnxopt optimize MODEL --max-drop ...`) on the built-in models.
+
+Run from the repository root:  .venv/bin/python benchmarks/search.py [--only digits,resnet18]
+Writes benchmarks/results/search.{md,json}. Each search times its surviving variants against the
+fp32 reference in ONE interleaved run, 2 threads.
+
+* digits-cnn, `--max-drop 0.5` (accuracy points on the 450-image test split), batch 450: the
+  torch source is known, so pruned + fine-tuned candidates (train split only) join the ONNX ones.
+* resnet18 (seeded random weights, so no labels): the ONNX file with 64 random-normal images as
+  data and an agreement gate (`--min-agreement 0.98`: top-1 agreement with fp32), batch 1,
+  with a 120 s budget on the whole search.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnxopt.bench import BenchSettings  # noqa: E402
+from onnxopt.optimize import optimize  # noqa: E402
+
+from _common import without_temp_paths  # noqa: E402
+
+
+def run(name: str, work: Path) -> dict:
+    t0 = time.perf_counter()
+    if name == "digits":
+        rep = optimize("digits-cnn", work / "digits", max_drop=0.5,
+                       settings=BenchSettings(batches=(450,), threads=(2,), providers=("cpu",), duration=5,
+                                              memory=False))
+        cmd = "onnxopt optimize digits-cnn --max-drop 0.5 --batch 450 --threads 2 --duration 5 --no-memory"
+    else:
+        import onnxopt
+
+        src = work / "resnet18.onnx"
+        onnxopt.export("resnet18", src)
+        images = np.random.default_rng(0).standard_normal((64, 3, 224, 224)).astype(np.float32)
+        np.savez(work / "images.npz", input=images)
+        t0 = time.perf_counter()  # the search itself, not the export
+        rep = optimize(str(src), work / "r18", data=str(work / "images.npz"), min_agreement=0.98, budget_s=120,
+                       settings=BenchSettings(batches=(1,), threads=(2,), providers=("cpu",), duration=5,
+                                              memory=False))
+        cmd = ("onnxopt optimize resnet18.onnx --data images.npz --min-agreement 0.98 --budget 120 --batch 1 "
+               "--threads 2 --duration 5 --no-memory")
+    rep["search_seconds"] = round(time.perf_counter() - t0, 1)
+    rep["command"] = cmd
+    return rep
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="digits,resnet18")
+    args = ap.parse_args()
+    from onnxopt.report import search_markdown
+
+    results = {"command": ("python benchmarks/search.py " + " ".join(sys.argv[1:])).strip()}
+    lines = ["# onnxopt auto search", "", f"Command: `{results['command']}`", "", __doc__.split("\n\n", 2)[2], ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only.split(","):
+            print(f"== {name}", file=sys.stderr, flush=True)
+            rep = without_temp_paths(run(name, Path(tmp)), tmp)
+            rep.pop("bench", None)
+            results[name] = rep
+            md = search_markdown(rep).replace("# onnxopt search report", f"## {name}")
+            lines += [md, f"Equivalent CLI: `{rep['command']}`; whole search {rep['search_seconds']} s.", ""]
+    out = ROOT / "benchmarks" / "results"
+    (out / "search.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    (out / "search.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
