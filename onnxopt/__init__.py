@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 # reachable as `from onnxopt.export import ...`). Binding them eagerly keeps the function from
 # being shadowed by the submodule once something imports it.
 from .bench import BenchSettings, bench  # noqa: E402
+from .bundle import load, pack  # noqa: E402
 from .errors import BadInput, GateFailed, OnnxoptError, VerificationFailed  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .export import Tolerance, export  # noqa: E402
@@ -23,6 +24,6 @@ from .sources import list_models as models  # noqa: E402
 
 benchmark = bench
 
-__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "prune", "evaluate", "models", "load_dataset",
+__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "prune", "pack", "load", "evaluate", "models", "load_dataset",
            "BenchSettings", "Tolerance", "OnnxoptError", "BadInput", "VerificationFailed", "GateFailed",
            "__version__"]

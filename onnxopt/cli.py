@@ -547,5 +547,10 @@ def prune(model, output, method, amount, importance, reconstruct, round_to, skip
                    f"(drop {a['drop_points']:.2f} points)")
 
 
+from ._cli_bundle import pack as _pack_cmd, verify_bundle as _verify_bundle_cmd  # noqa: E402
+
+main.add_command(_pack_cmd)
+main.add_command(_verify_bundle_cmd)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
