@@ -199,6 +199,8 @@ def _gate_options() -> list:
         click.option("--max-drop", help="Gate: accuracy drop on labelled data, points (0.5, 1%) or relative (2%rel)."),
         click.option("--min-agreement", type=float, help="Gate without labels: top-1 agreement (classifiers) or "
                      "min cosine with the reference, e.g. 0.99."),
+        click.option("--min-cosine", type=float, help="Gate without labels: mean cosine similarity of the outputs "
+                     "with the reference's, e.g. 0.99."),
         click.option("--min-speedup", type=float, help="Gate: speed-up vs the reference at the first batch size."),
         click.option("--max-size-mb", type=float, help="Gate: size on disk in MB."),
         click.option("--max-p90-ms", type=float, help="Gate: p90 latency at the first batch size."),
@@ -229,7 +231,8 @@ def _print_search(report: dict) -> None:
 @click.option("--no-torch", is_flag=True, help="Do not time PyTorch eager as an extra row.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, batch, threads, providers, duration,
-             warmup, seq_len, no_memory, data, max_drop, min_agreement, min_speedup, max_size_mb, max_p90_ms, search,
+             warmup, seq_len, no_memory, data, max_drop, min_agreement, min_cosine, min_speedup, max_size_mb, max_p90_ms,
+             search,
              budget, target, no_torch, as_json):
     """The main job: export, verify and benchmark MODEL (default: digits-cnn), or search.
 
@@ -254,7 +257,8 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
     report = api_optimize(model, out, exporter=exporter, opset=opset, input_shape=input_shape, dtype=dtype,
                           weights=weights, task=task, data=data, torch_eager=not no_torch,
                           settings=_settings(batch, threads, providers, duration, warmup, seq_len, no_memory),
-                          search=search, max_drop=max_drop, min_agreement=min_agreement, min_speedup=min_speedup,
+                          search=search, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine,
+                          min_speedup=min_speedup,
                           max_size_mb=max_size_mb, max_p90_ms=max_p90_ms, budget_s=budget, target=target)
     if as_json:
         click.echo(to_json(report))

@@ -45,6 +45,7 @@ def optimize(
     search: bool | None = None,
     max_drop: float | str | None = None,
     min_agreement: float | None = None,
+    min_cosine: float | None = None,
     min_speedup: float | None = None,
     max_size_mb: float | None = None,
     max_p90_ms: float | None = None,
@@ -63,7 +64,7 @@ def optimize(
     """
     from .recipe import Gates
 
-    gates = Gates(max_drop=max_drop, min_agreement=min_agreement, min_speedup=min_speedup,
+    gates = Gates(max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine, min_speedup=min_speedup,
                   max_size_mb=max_size_mb, max_p90_ms=max_p90_ms)
     if search is None:
         search = bool(gates.active())
