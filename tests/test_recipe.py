@@ -165,3 +165,21 @@ def test_run_and_report_from_the_shell(cnn_case, tmp_path):
     typo = _write(tmp_path / "typo.yaml", f"model: {src}\nstep: [simplify]\n")
     _assert_clean_error(run_cli("run", typo, "-o", tmp_path / "o3"), tmp_path / "o3" / "report.json",
                         "typo.yaml:2: step", "did you mean 'steps'")
+
+
+def test_digits_recipes_pass_and_fail_from_the_shell(tmp_path):
+    pytest.importorskip("torch")
+    body = ("model: digits-cnn\ndata: digits\ntarget: {batch: [450], threads: 2, duration: 0.5}\n"
+            "steps:\n  - pass: prune-channels\n    amount: 0.25\n  - quant-preprocess\n  - quantize-static\n")
+    ok = _write(tmp_path / "ok.yaml", body + "gates: {max_drop: 0.5, max_size_mb: 0.1}\n")
+    res = run_cli("run", ok, "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    v = report["variants"][0]
+    assert v["drop_points"] <= 0.5 and v["bytes"] < 100_000 and report["chosen"] == "recipe"
+    fail = _write(tmp_path / "fail.yaml", body + "gates: {max_drop: 0.5, min_speedup: 1000}\n")
+    res = run_cli("run", fail, "-o", tmp_path / "out")  # same folder: the export and steps are reused
+    assert res.returncode == 3 and "min_speedup" in res.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    gate = next(g for g in report["variants"][0]["gates"] if g["gate"] == "min_speedup")
+    assert gate["passed"] is False and gate["limit"] == 1000
