@@ -4,8 +4,16 @@ Deterministic: fixed seeds, deterministic algorithms, one CPU thread, a fixed da
 epoch drawn from a seeded generator. Running it again on the same torch version writes the same
 bytes. Takes well under a minute on one CPU core.
 
-    python models/train_digits.py            # train, report accuracy, save
-    python models/train_digits.py --check    # train and compare with the saved file, save nothing
+    python models/train_digits.py                     # train, report accuracy, save digits_cnn.pt
+    python models/train_digits.py --check             # train and compare with the saved file, save nothing
+    python models/train_digits.py --seed 1            # same recipe, another seed: digits_cnn_seed1.pt
+    python models/train_digits.py --seed 1 --holdout  # without the validation quarter: ..._seed1_holdout.pt
+
+``--seed`` changes only the seed (weight initialisation, data order, augmentation shifts); seed 0
+is the built-in model; seeds 0-2 are the members of the ensemble benchmark
+(``benchmarks/ensemble.py``). ``--holdout`` leaves out the train-split images that
+``onnxopt.ensemble`` fits ensemble weights and cascade thresholds on. :func:`train` also takes a starting ``state`` and an epoch count,
+for fine-tuning copies of one model (the benchmark's model soups).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a source checkout without installing
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -40,20 +49,33 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def train() -> tuple[dict, float, float]:
-    torch.manual_seed(SEED)
+def train(seed: int = SEED, *, state: dict | None = None, epochs: int = EPOCHS, lr: float = LR,
+          holdout: bool = False, verbose: bool = True) -> tuple[dict, float, float]:
+    """Train (or, from ``state``, fine-tune) a DigitsCNN; returns (state_dict, train acc, test acc).
+    ``holdout``: leave out the validation quarter of the train split (the images
+    ``onnxopt.ensemble.digits_validation()`` returns). The defaults are the recipe of the built-in
+    model's weights."""
+    torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
 
-    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_digits_split())
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps = EPOCHS * ((len(x_train) + BATCH - 1) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(SEED)
+    x_train, y_train, x_test, y_test = load_digits_split()
+    if holdout:
+        from onnxopt.ensemble import digits_validation_indices
 
-    for epoch in range(EPOCHS):
+        keep = np.setdiff1d(np.arange(len(x_train)), digits_validation_indices(len(x_train)))
+        x_train, y_train = x_train[keep], y_train[keep]
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test))
+    model = DigitsCNN()
+    if state is not None:
+        model.load_state_dict(state)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
+    steps = epochs * ((len(x_train) + BATCH - 1) // BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+
+    for epoch in range(epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
         for i in range(0, len(order), BATCH):
@@ -75,7 +97,7 @@ def train() -> tuple[dict, float, float]:
             loss.backward()
             opt.step()
             sched.step()
-        if (epoch + 1) % 10 == 0:
+        if verbose and (epoch + 1) % 10 == 0:
             print(f"epoch {epoch + 1:3d}  loss {loss.item():.4f}  test acc {accuracy(model, x_test, y_test):.4f}",
                   file=sys.stderr)
 
@@ -95,12 +117,22 @@ def serialize(state: dict) -> bytes:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "digits_cnn.pt")
+    parser.add_argument("--seed", type=int, default=SEED,
+                        help="random seed (0: the built-in model's weights)")
+    parser.add_argument("--holdout", action="store_true", help="train without the validation quarter of the "
+                        "train split (onnxopt.ensemble.digits_validation), for fitting ensembles on unseen data")
+    parser.add_argument("--out", type=Path, help="where to save [default: digits_cnn.pt for seed 0, "
+                        "digits_cnn_seed<N>.pt otherwise, in this folder; _holdout before .pt with --holdout]")
     parser.add_argument("--check", action="store_true", help="compare with the saved file; write nothing")
     args = parser.parse_args()
+    if args.seed < 0:
+        parser.error("--seed must be >= 0")
+    if args.out is None:
+        stem = "digits_cnn" if args.seed == SEED and not args.holdout else f"digits_cnn_seed{args.seed}"
+        args.out = HERE / (stem + ("_holdout" if args.holdout else "") + ".pt")
 
     start = time.perf_counter()
-    state, train_acc, test_acc = train()
+    state, train_acc, test_acc = train(args.seed, holdout=args.holdout)
     data = serialize(state)
     digest = hashlib.sha256(data).hexdigest()
     print(f"train acc {train_acc:.4f}  test acc {test_acc:.4f}  ({time.perf_counter() - start:.1f} s)")

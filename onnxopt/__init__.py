@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 # being shadowed by the submodule once something imports it.
 from .bench import BenchSettings, bench  # noqa: E402
 from .bundle import load, pack  # noqa: E402
+from .ensemble import ensemble  # noqa: E402
 from .errors import BadInput, GateFailed, OnnxoptError, VerificationFailed  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .export import Tolerance, export  # noqa: E402
@@ -24,6 +25,6 @@ from .sources import list_models as models  # noqa: E402
 
 benchmark = bench
 
-__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "prune", "pack", "load", "evaluate", "models", "load_dataset",
-           "BenchSettings", "Tolerance", "OnnxoptError", "BadInput", "VerificationFailed", "GateFailed",
+__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "prune", "ensemble", "pack", "load",
+           "evaluate", "models", "load_dataset", "BenchSettings", "Tolerance", "OnnxoptError", "BadInput", "VerificationFailed", "GateFailed",
            "__version__"]
