@@ -1201,21 +1201,7 @@ def _open(root: Path, path: Path, prefer: str, provider: str, threads: int | Non
 
 
 def _session_from_bytes(data: bytes, provider: str, threads: int | None, where: str):
-    """An ORT-format session with the settings of :func:`onnxopt.runtime.make_session` (which
-    takes a path or a ModelProto, and an ORT-format model is neither)."""
-    from .runtime import PROVIDERS, ort
+    """A session over model bytes (ONNX or ORT format) with onnxopt's usual settings."""
+    from .runtime import make_session
 
-    rt = ort()
-    opts = rt.SessionOptions()
-    opts.log_severity_level = 3
-    opts.execution_mode = rt.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider == "cuda" else [])
-    try:
-        return rt.InferenceSession(data, sess_options=opts, providers=providers)
-    except Exception as e:
-        raise BadInput(where, f"ONNX Runtime cannot load the model: {_first_line(e)}") from None
+    return make_session(data, provider, threads, where)

@@ -16,7 +16,7 @@ from .feeds import Dataset, load_dataset, random_feeds
 from .runtime import make_session, run
 
 __all__ = ["calibration_data", "eval_data", "head", "verify_variant", "run_step", "parse_max_drop",
-           "allowed_drop", "VERIFY_SAMPLES"]
+           "allowed_drop", "accuracy_gate", "VERIFY_SAMPLES"]
 
 VERIFY_SAMPLES = 256
 
@@ -125,3 +125,16 @@ def allowed_drop(gate: tuple[float, str], ref_acc: float) -> float:
     """The gate in accuracy points for a reference accuracy in [0, 1]."""
     amount, kind = gate
     return amount if kind == "points" else amount * ref_acc
+
+
+def accuracy_gate(max_drop, accuracy: dict | None) -> dict | None:
+    """The ``--max-drop`` gate record for a job's verification accuracy (None without a gate):
+    ``{"max_drop", "kind", "max_drop_points", "drop_points", "passed"}``."""
+    spec = parse_max_drop(max_drop)
+    if spec is None:
+        return None
+    if accuracy is None:
+        raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's first output")
+    allowed = allowed_drop(spec, accuracy["reference"])
+    return {"max_drop": str(max_drop), "kind": spec[1], "max_drop_points": round(allowed, 4),
+            "drop_points": accuracy["drop_points"], "passed": accuracy["drop_points"] <= allowed}

@@ -28,7 +28,7 @@ from .errors import BadInput, GateFailed
 from .feeds import Dataset
 from .passes.prune import IMPORTANCES, MASK_METHODS, SCOPES, PruneChannels, PruneMasks, count_params
 from .passes.quantize import refuse_quantized
-from .jobs import allowed_drop, calibration_data, eval_data, parse_max_drop, run_step, verify_variant
+from .jobs import accuracy_gate, calibration_data, eval_data, parse_max_drop, run_step, verify_variant
 
 __all__ = ["prune", "prune_onnx", "METHODS"]
 
@@ -195,14 +195,9 @@ def prune_onnx(
     meta = lineage(model_path, {"step": "prune", "method": method, "passes": [step]})
     meta["prune"] = summary
     meta["verification"] = verification
-    gate = None
-    if gate_spec is not None:
-        if acc is None:
-            raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's first "
-                           "output")
-        allowed = allowed_drop(gate_spec, acc["reference"])
-        gate = {"max_drop": str(max_drop), "kind": gate_spec[1], "max_drop_points": round(allowed, 4),
-                "drop_points": acc["drop_points"], "passed": acc["drop_points"] <= allowed}
+    gate = accuracy_gate(max_drop, acc)
+    if gate is not None:
+        allowed = gate["max_drop_points"]
         meta["gate"] = gate
     sidecar = save_model(out_proto, output, meta)
     if gate and not gate["passed"]:

@@ -20,8 +20,8 @@ from .bench import speed_ratio
 from .errors import BadInput, GateFailed, VerificationFailed
 from .evaluate import predict
 from .feeds import Dataset, random_feeds
-from .jobs import (VERIFY_SAMPLES, allowed_drop, calibration_data, eval_data, head, parse_max_drop, run_step,
-                   verify_variant)
+from .jobs import (VERIFY_SAMPLES, accuracy_gate, allowed_drop, calibration_data, eval_data, head,
+                   parse_max_drop, run_step, verify_variant)
 from .passes import ConvertFP16, QuantizeDynamic, QuantizeStatic, QuantPreprocess, Simplify, choose_mode
 from .passes._common import looks_like_transformer, op_counts
 from .passes.quantize import METHODS, FORMATS, QTYPES, TARGETS, refuse_quantized
@@ -256,15 +256,10 @@ def quantize(
         speed = speed_ratio(proto, out_proto, random_feeds(proto, batch=1, seq=128, seed=0))
         speed["passed"] = speed["speedup"] >= SLOWER_THAN_REFERENCE
         meta["speed_check"] = speed
-    gate = None
     acc = verification.get("accuracy")
-    if gate_spec is not None:
-        if acc is None:
-            raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's first "
-                           "output")
-        allowed = allowed_drop(gate_spec, acc["reference"])
-        gate = {"max_drop": str(max_drop), "kind": gate_spec[1], "max_drop_points": round(allowed, 4),
-                "drop_points": acc["drop_points"], "passed": acc["drop_points"] <= allowed}
+    gate = accuracy_gate(max_drop, acc)
+    if gate is not None:
+        allowed = gate["max_drop_points"]
         meta["gate"] = gate
     sidecar = save_model(out_proto, output, meta)
     if gate and not gate["passed"]:

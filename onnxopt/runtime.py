@@ -35,7 +35,7 @@ def make_session(model, provider: str = "cpu", threads: int | None = None, where
     """An inference session with spinning off (several sessions interleave fairly on few cores),
     sequential execution and the requested intra-op thread count.
 
-    ``model`` is a path or an ``onnx.ModelProto``.
+    ``model`` is a path, an ``onnx.ModelProto``, or the bytes of an ONNX or ORT-format model.
     """
     rt = ort()
     opts = rt.SessionOptions()
@@ -49,7 +49,12 @@ def make_session(model, provider: str = "cpu", threads: int | None = None, where
     providers = [PROVIDERS[provider]]
     if provider == "cuda":
         providers.append(PROVIDERS["cpu"])
-    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    if isinstance(model, onnx.ModelProto):
+        src = model.SerializeToString()
+    elif isinstance(model, (bytes, bytearray)):
+        src = bytes(model)
+    else:
+        src = str(model)
     try:
         return rt.InferenceSession(src, sess_options=opts, providers=providers)
     except Exception as e:
