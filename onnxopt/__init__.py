@@ -13,11 +13,13 @@ __version__ = "0.1.0"
 # being shadowed by the submodule once something imports it.
 from .bench import BenchSettings, bench  # noqa: E402
 from .bundle import load, pack  # noqa: E402
+from .distill import distill  # noqa: E402
 from .ensemble import ensemble  # noqa: E402
 from .errors import BadInput, GateFailed, OnnxoptError, VerificationFailed  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .export import Tolerance, export  # noqa: E402
 from .feeds import load_dataset  # noqa: E402
+from .head import head  # noqa: E402
 from .optimize import optimize  # noqa: E402
 from .prune import prune  # noqa: E402
 from .quantize import quantize, simplify  # noqa: E402
@@ -26,5 +28,5 @@ from .sources import list_models as models  # noqa: E402
 benchmark = bench
 
 __all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "prune", "ensemble", "pack", "load",
-           "evaluate", "models", "load_dataset", "BenchSettings", "Tolerance", "OnnxoptError", "BadInput", "VerificationFailed", "GateFailed",
-           "__version__"]
+           "head", "distill", "evaluate", "models", "load_dataset", "BenchSettings", "Tolerance", "OnnxoptError",
+           "BadInput", "VerificationFailed", "GateFailed", "__version__"]

@@ -553,7 +553,10 @@ def prune(model, output, method, amount, importance, reconstruct, round_to, skip
 
 from ._cli_bundle import pack as _pack_cmd, verify_bundle as _verify_bundle_cmd  # noqa: E402
 from ._cli_ensemble import ensemble as _ensemble_cmd  # noqa: E402
+from ._cli_train import distill as _distill_cmd, head as _head_cmd  # noqa: E402
 
+main.add_command(_head_cmd)
+main.add_command(_distill_cmd)
 main.add_command(_ensemble_cmd)
 main.add_command(_pack_cmd)
 main.add_command(_verify_bundle_cmd)

@@ -23,7 +23,7 @@ def run_cli(*args, cwd=None):
 
 @pytest.mark.parametrize("cmd", [[], ["models"], ["export"], ["bench"], ["optimize"], ["quantize"], ["simplify"],
                                  ["prune"], ["run"], ["report"], ["pack"], ["verify-bundle"],
-                                 ["ensemble"]])
+                                 ["ensemble"], ["head"], ["distill"]])
 def test_help_shows_an_example(cmd):
     res = CliRunner().invoke(main, cmd + ["--help"])
     assert res.exit_code == 0 and "Example" in res.output

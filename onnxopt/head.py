@@ -1,0 +1,950 @@
+"""Transfer learning by head replacement: a trained backbone, a few labelled examples of a new task.
+
+``head(model, output, data=...)`` is what ``onnxopt head`` calls. Two routes:
+
+* **ONNX backbone** (an ``.onnx`` file, or a torch source with ``finetune_last`` 0/None, exported
+  first): the backbone stays frozen. Features are extracted with ONNX Runtime at the cut tensor(s)
+  in batches and cached by content hash; a head (``linear``: softmax regression, or ``mlp``: one
+  hidden ReLU layer) is trained on them in torch, with stratified validation folds, early stopping
+  on the validation loss, balanced class weights and a fixed seed; then
+  :class:`onnxopt.passes.head.GraftHead` grafts it onto the graph in place of the old head, and the
+  grafted model is verified against features -> head computed separately (float64, tight
+  tolerance) on held-out data.
+* **Torch source with** ``finetune_last=N``: the classifier ``Linear`` is replaced and trained
+  together with the last N blocks of the backbone (a block is a Conv/Linear layer with the norm
+  layers after it; BatchNorm statistics stay frozen), then exported and verified against torch.
+
+The cut point (ONNX route) is ``"auto"`` by default: the classifier input and the ends of the
+blocks before it (:func:`onnxopt.passes.head.cut_candidates`) are compared by k-fold
+cross-validated accuracy, and the best wins (ties go to the one nearest the output). Measured on
+the digits 0-4 backbone, 20 examples per class of 5-9: the pooled classifier input is *not* the
+best cut (see ``benchmarks/results/head.md``), which is why choosing is the default.
+
+After choosing (``refit=True``) the head is trained again on all labelled examples for the median
+number of epochs early stopping found on the folds: with 20 examples per class, holding a fifth
+out of the final fit costs accuracy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import __version__
+from .artifact import atomic_write_bytes, lineage, load_model, model_bytes, save_model
+from .errors import BadInput, VerificationFailed
+from .evaluate import agreement
+from .feeds import Dataset, cast_feeds, check_feeds, load_dataset
+from .passes.head import LABELS_KEY, GraftHead, cut_candidates, find_head, find_value, head_forward
+from .progress import progress
+from .runtime import make_session, ort, run
+
+__all__ = ["head", "HEADS", "TrainedHead", "extract_features", "train_head", "fit_head", "folds_for",
+           "select_classes", "few_shot", "labelled_data", "parse_classes", "cache_root", "finetune_blocks",
+           "fit_torch", "deterministic_torch"]
+
+logger = logging.getLogger(__name__)
+
+HEADS = ("linear", "mlp")
+CLASS_WEIGHTS = ("balanced", "none")
+GRAFT_ATOL = 1e-5
+GRAFT_RTOL = 1e-5
+FEATURE_BATCH = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: labelled examples, class selection, few-shot subsets, folds
+
+
+def labelled_data(data, where: str, proto: onnx.ModelProto | None = None, split: str = "train",
+                  input_names: list[str] | None = None) -> Dataset:
+    """A labelled :class:`Dataset`. ``digits`` is its train split (``split="train"``) or its test
+    split; anything else goes through :func:`onnxopt.feeds.load_dataset`. ``input_names`` (a torch
+    source's inputs) names a single unnamed array the way ``proto`` would."""
+    if data is None:
+        raise BadInput(where, "needs labelled data", "pass --data (an .npz with inputs and labels, digits, ...)")
+    if input_names is None and proto is not None:
+        inits = {i.name for i in proto.graph.initializer}
+        input_names = [i.name for i in proto.graph.input if i.name not in inits]
+    if isinstance(data, str) and data == "digits":
+        from .data.digits import load_digits_split
+
+        x_train, y_train, x_test, y_test = load_digits_split()
+        x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
+        ds = Dataset(f"digits ({split} split)", {(input_names or ["input"])[0]: x}, y)
+    else:
+        ds = load_dataset(data, proto)
+        if input_names and len(input_names) == 1 and len(ds.inputs) == 1 and input_names[0] not in ds.inputs:
+            ds = Dataset(ds.name, {input_names[0]: next(iter(ds.inputs.values()))}, ds.labels)
+    check_labels(ds, where)
+    return ds
+
+
+def check_labels(ds: Dataset, where: str, min_classes: int = 2) -> np.ndarray:
+    """The labels of ``ds`` as int64, or a one-line :class:`BadInput` (no labels, a length that
+    differs from the inputs', non-integers, negative values, fewer than two classes)."""
+    if ds.labels is None:
+        raise BadInput(where, f"{ds.name} has no labels", "training a classifier needs labelled examples")
+    y = np.asarray(ds.labels)
+    n = {len(v) for v in ds.inputs.values()}
+    if len(n) != 1:
+        raise BadInput(where, f"{ds.name}: its input arrays have different lengths ({sorted(n)})")
+    if y.ndim != 1 or len(y) != next(iter(n)):
+        raise BadInput(where, f"{ds.name} has {len(y)} labels for {next(iter(n))} samples",
+                       "labels and inputs must have one entry per sample")
+    if y.dtype.kind not in "iu":
+        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise BadInput(where, f"{ds.name}: labels must be integer class ids, got {y.dtype}")
+    if len(y) and y.min() < 0:
+        raise BadInput(where, f"{ds.name}: labels must be >= 0, found {int(y.min())}")
+    classes = np.unique(y)
+    if len(classes) < min_classes:
+        raise BadInput(where, f"{ds.name} has a single class ({', '.join(map(str, classes)) or 'none'})",
+                       "a classifier needs examples of at least two classes")
+    return y.astype(np.int64)
+
+
+def parse_classes(text) -> tuple[int, ...] | None:
+    """``"5-9"`` or ``"5,6,7"`` (or a sequence of ints) -> (5, 6, ...)."""
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        return tuple(int(c) for c in text)
+    out: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        try:
+            out.extend(range(int(m.group(1)), int(m.group(2)) + 1) if m else [int(part)])
+        except ValueError:
+            raise BadInput("--classes", f"'{text}' is not a list of class ids", "write it like 5-9 or 1,3,5") from None
+    if not out:
+        raise BadInput("--classes", "is empty")
+    return tuple(sorted(set(out)))
+
+
+def select_classes(ds: Dataset, classes, where: str = "--classes") -> Dataset:
+    """Only the samples whose label is in ``classes``."""
+    if classes is None:
+        return ds
+    y = np.asarray(ds.labels)
+    missing = [c for c in classes if c not in set(y.tolist())]
+    if missing:
+        raise BadInput(where, f"{ds.name} has no examples of class(es) {', '.join(map(str, missing))}")
+    keep = np.isin(y, np.asarray(classes))
+    return Dataset(f"{ds.name}, classes {_fmt_classes(classes)}", {k: v[keep] for k, v in ds.inputs.items()},
+                   y[keep])
+
+
+def _fmt_classes(classes) -> str:
+    c = list(classes)
+    if len(c) > 2 and c == list(range(c[0], c[-1] + 1)):
+        return f"{c[0]}-{c[-1]}"
+    return ",".join(map(str, c))
+
+
+def few_shot(ds: Dataset, per_class: int | None, seed: int = 0) -> Dataset:
+    """``per_class`` examples of each class, drawn with a fixed seed (order: by class, then draw)."""
+    if per_class is None:
+        return ds
+    if int(per_class) < 1:
+        raise BadInput("--per-class", "must be >= 1")
+    y = np.asarray(ds.labels)
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in np.unique(y):
+        where = np.flatnonzero(y == c)
+        take = min(int(per_class), len(where))
+        idx.extend(sorted(rng.choice(where, size=take, replace=False).tolist()))
+    idx = np.asarray(sorted(idx))
+    return Dataset(f"{ds.name}, {per_class} per class", {k: v[idx] for k, v in ds.inputs.items()}, y[idx])
+
+
+def folds_for(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """A stratified fold id (0..k-1) per sample: each class shuffled with ``seed`` and dealt out
+    round-robin, starting at a rotating fold so small classes do not all land in fold 0."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(y), np.int64)
+    start = 0
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        fold[idx] = (np.arange(len(idx)) + start) % k
+        start = (start + len(idx)) % k
+    return fold
+
+
+def _fold_count(val_fraction: float) -> int:
+    if not 0 <= float(val_fraction) < 1:
+        raise BadInput("--val-fraction", f"must be in [0, 1), got {val_fraction}")
+    return 0 if val_fraction == 0 else max(2, int(round(1.0 / float(val_fraction))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature extraction with ONNX Runtime, cached by content hash
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$ONNXOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnxopt`` (``~/.cache``)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("ONNXOPT_CACHE_DIR"):
+        return Path(os.environ["ONNXOPT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxopt"
+
+
+def _data_hash(inputs: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(inputs):
+        a = np.ascontiguousarray(inputs[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _feature_model(model: ir.Model, cuts: list[str], where: str) -> onnx.ModelProto:
+    """The backbone up to the cut tensors: they become the outputs, the rest is removed."""
+    work = model.clone()
+    values = []
+    for name in cuts:
+        v = find_value(work, name)
+        if v is None:
+            raise BadInput("--cut", f"no tensor named '{name}' in {where}",
+                           _candidates_hint(model))
+        if v.type is None:
+            v.type = ir.TensorType(ir.DataType.FLOAT)
+        values.append(v)
+    work.graph.outputs.clear()
+    work.graph.outputs.extend(values)
+    ir.passes.common.RemoveUnusedNodesPass()(work)
+    return ir.serde.serialize_model(work)
+
+
+def _candidates_hint(model: ir.Model) -> str:
+    try:
+        h = find_head(model)
+        cands = cut_candidates(model, h.feature, limit=6)
+    except BadInput:
+        cands = cut_candidates(model, None, limit=6)
+    names = [c["name"] for c in cands]
+    return f"candidates: {', '.join(names)}" if names else "name a float tensor of the model"
+
+
+def extract_features(proto: onnx.ModelProto, ds: Dataset, cuts: list[str], *, batch: int = FEATURE_BATCH,
+                     cache_dir: str | os.PathLike | None = None, cache: bool = True, where: str = "model",
+                     stats: dict | None = None) -> dict[str, np.ndarray]:
+    """Float32 features ``[N, ...]`` at each tensor in ``cuts`` for every sample of ``ds``, run
+    in ONNX Runtime in batches of ``batch``. Each (model bytes, tensor, data bytes, onnxruntime
+    version) is cached as one ``.npy`` file under ``cache_root(cache_dir)/features``; ``stats``
+    (if given) gets ``cache_hits``/``cache_misses``."""
+    check_feeds(proto, ds.inputs, ds.name)
+    model_sha = hashlib.sha256(model_bytes(proto)).hexdigest()
+    data_sha = _data_hash(ds.inputs)
+    root = cache_root(cache_dir) / "features"
+    out: dict[str, np.ndarray] = {}
+    keys = {}
+    for c in cuts:
+        keys[c] = hashlib.sha256(json.dumps([model_sha, c, data_sha, ort().__version__]).encode()).hexdigest()[:32]
+        path = root / f"{keys[c]}.npy"
+        if cache and path.is_file():
+            try:
+                out[c] = np.load(path, allow_pickle=False)
+                if len(out[c]) != len(ds):
+                    raise ValueError("length")
+            except (OSError, ValueError):
+                logger.warning("feature cache %s is unreadable; extracting again", path)
+                out.pop(c, None)
+    missing = [c for c in cuts if c not in out]
+    if stats is not None:
+        stats["cache_hits"] = stats.get("cache_hits", 0) + len(cuts) - len(missing)
+        stats["cache_misses"] = stats.get("cache_misses", 0) + len(missing)
+    if not missing:
+        return out
+    fmodel = _feature_model(ir.serde.deserialize_model(proto), missing, where)
+    sess = make_session(fmodel, "cpu", None, where)
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in missing}
+    n_batches = -(-len(ds) // batch)
+    for feeds, _ in progress(ds.batches(batch), total=n_batches, desc="features", unit="batch"):
+        res = run(sess, cast_feeds(proto, feeds), where)
+        for c, r in zip(missing, res):
+            parts[c].append(np.asarray(r))
+    for c in missing:
+        arr = np.concatenate(parts[c]) if parts[c] else np.zeros((0,), np.float32)
+        if arr.dtype != np.float32:
+            raise BadInput("--cut", f"'{c}' is {arr.dtype}, not float32", "cut at a float32 tensor")
+        if arr.ndim < 1 or len(arr) != len(ds):
+            raise BadInput("--cut", f"'{c}' does not have one row per sample (shape {list(arr.shape)})",
+                           "cut at a tensor with the batch as its first axis")
+        if not np.isfinite(arr).all():
+            raise BadInput("--cut", f"'{c}' has NaN or infinite values on {ds.name}")
+        out[c] = arr
+        if cache:
+            buf = _npy_bytes(arr)
+            try:
+                atomic_write_bytes(root / f"{keys[c]}.npy", buf)
+            except (OSError, BadInput) as e:  # a read-only cache is not worth failing the job
+                logger.warning("cannot write the feature cache (%s)", e)
+    return out
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (torch)
+
+
+@contextlib.contextmanager
+def deterministic_torch(threads: int | None = 1):
+    """Deterministic algorithms and (by default) one intra-op thread for the block; restored after."""
+    import torch
+
+    was_det = torch.are_deterministic_algorithms_enabled()
+    was_threads = torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield torch
+    finally:
+        torch.use_deterministic_algorithms(was_det)
+        torch.set_num_threads(was_threads)
+
+
+def _class_weights(y: np.ndarray, k: int, how: str) -> np.ndarray:
+    counts = np.bincount(y, minlength=k).astype(np.float64)
+    if how == "none":
+        return np.ones(k)
+    w = np.where(counts > 0, len(y) / (k * np.maximum(counts, 1)), 0.0)
+    return w
+
+
+@dataclasses.dataclass
+class TrainedHead:
+    """A trained head in graft layout: per layer an ``[out, in]`` weight and ``[out]`` bias, with
+    the feature standardization folded into the first layer (so the head reads raw features)."""
+
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+    epochs: int
+    best_epoch: int
+    train_acc: float
+    val_acc: float | None = None
+    val_loss: float | None = None
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        return head_forward(features, self.weights, self.biases)
+
+    def accuracy(self, features: np.ndarray, y: np.ndarray) -> float:
+        return float((self.logits(features).argmax(1) == y).mean()) if len(y) else float("nan")
+
+
+def train_head(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None, *, classes: int,
+               kind: str = "linear", hidden: int = 128, epochs: int = 500, patience: int = 50, lr: float = 1e-2,
+               weight_decay: float = 1e-4, class_weights: str = "balanced", seed: int = 0) -> TrainedHead:
+    """Train a head on features ``x[train_idx]`` (flattened per sample). With ``val_idx``: early
+    stopping on the validation loss (best epoch restored, ``patience`` epochs without gain end
+    it); without: exactly ``epochs`` epochs. Full-batch Adam on standardized features, balanced
+    class weights in the cross-entropy by default, ``seed`` fixes the initialization and order."""
+    import torch
+    from torch import nn
+
+    x = np.asarray(x, np.float32).reshape(len(x), -1)
+    xt = x[train_idx]
+    mean = xt.mean(0)
+    std = xt.std(0)
+    std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+    z = torch.from_numpy((x - mean) / std)
+    yt = torch.from_numpy(np.asarray(y, np.int64))
+    d = x.shape[1]
+    torch.manual_seed(seed)
+    if kind == "linear":
+        net = nn.Sequential(nn.Linear(d, classes))
+    else:
+        net = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    cw = torch.from_numpy(_class_weights(np.asarray(y)[train_idx], classes, class_weights).astype(np.float32))
+    loss_fn = nn.CrossEntropyLoss(weight=cw)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    tr = torch.from_numpy(np.asarray(train_idx, np.int64))
+    va = None if val_idx is None or len(val_idx) == 0 else torch.from_numpy(np.asarray(val_idx, np.int64))
+    batch = len(tr) if len(tr) <= 2048 else 256
+    gen = torch.Generator().manual_seed(seed)
+    best = (float("inf"), 0, None, None)
+    losses: list[float] = []
+    since = 0
+    epoch = 0
+    for epoch in range(1, int(epochs) + 1):
+        net.train()
+        order = tr[torch.randperm(len(tr), generator=gen)] if batch < len(tr) else tr
+        total = 0.0
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(z[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+            total += loss.detach().item() * len(idx)
+        losses.append(total / len(tr))
+        if va is None:
+            continue
+        net.eval()
+        with torch.no_grad():
+            out = net(z[va])
+            vloss = float(loss_fn(out, yt[va]))
+            vacc = float((out.argmax(1) == yt[va]).float().mean())
+        if vloss < best[0] - 1e-6:
+            best = (vloss, epoch, {k: v.clone() for k, v in net.state_dict().items()}, vacc)
+            since = 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    if va is not None and best[2] is not None:
+        net.load_state_dict(best[2])
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    ws = [m.weight.detach().numpy().astype(np.float64) for m in linears]
+    bs = [m.bias.detach().numpy().astype(np.float64) for m in linears]
+    # Fold the standardization into the first layer: W (x - mean) / std + b = (W / std) x + (b - W mean / std).
+    w0 = ws[0] / std.astype(np.float64)[None, :]
+    bs[0] = bs[0] - w0 @ mean.astype(np.float64)
+    ws[0] = w0
+    th = TrainedHead([w.astype(np.float32) for w in ws], [b.astype(np.float32) for b in bs], epochs=epoch,
+                     best_epoch=best[1] if va is not None else epoch, train_acc=0.0,
+                     val_loss=None if va is None else best[0], val_acc=None if va is None else best[3],
+                     losses=[round(v, 5) for v in losses])
+    th.train_acc = th.accuracy(x[train_idx], np.asarray(y)[train_idx])
+    return th
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, folds: np.ndarray | None, *, k: int, refit: bool = True,
+             cv: bool = True, **kw) -> tuple[TrainedHead, dict]:
+    """Cross-validate a head on the folds (each fold the validation split once; ``cv=False``: only
+    fold 0), then the final head: refit on everything for the median best epoch count, or the
+    fold-0 head. Returns (head, {"val_acc", "val_loss", "folds", "best_epochs"})."""
+    n = len(y)
+    if folds is None or k == 0:
+        h = train_head(x, y, np.arange(n), None, **kw)
+        return h, {"val_acc": None, "val_loss": None, "folds": 0, "best_epochs": [h.epochs]}
+    runs = []
+    for f in range(k if cv else 1):
+        tr, va = np.flatnonzero(folds != f), np.flatnonzero(folds == f)
+        if len(va) == 0 or len(tr) == 0:
+            continue
+        runs.append(train_head(x, y, tr, va, **kw))
+    summary = {"val_acc": float(np.mean([r.val_acc for r in runs])),
+               "val_loss": float(np.mean([r.val_loss for r in runs])), "folds": len(runs),
+               "best_epochs": [r.best_epoch for r in runs]}
+    if not refit:
+        return runs[0], summary
+    epochs = max(1, int(np.median([r.best_epoch for r in runs])))
+    h = train_head(x, y, np.arange(n), None, **{**kw, "epochs": epochs})
+    h.val_acc, h.val_loss = summary["val_acc"], summary["val_loss"]
+    return h, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch route: replace the classifier Linear, unfreeze the last N blocks, train
+
+
+def _classifier(torch, net):
+    """(parent module, attribute name, Linear) of the last ``nn.Linear`` in ``net``."""
+    found = None
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            found = (name, m)
+    if found is None:
+        return None
+    name, lin = found
+    parent_name, _, attr = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    return parent, attr, lin
+
+
+def finetune_blocks(torch, net, exclude=None) -> list[list]:
+    """The backbone's blocks in forward-registration order: each starts at a Conv/Linear layer
+    and takes the parameterized layers (norms) registered after it. ``exclude``: the head."""
+    blocks: list[list] = []
+    skip = set() if exclude is None else {id(m) for m in exclude.modules()}
+    for m in net.modules():
+        if id(m) in skip or any(True for _ in m.children()):
+            continue
+        if not any(True for _ in m.parameters(recurse=False)):
+            continue
+        if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) or not blocks:
+            blocks.append([m])
+        else:
+            blocks[-1].append(m)
+    return blocks
+
+
+def fit_torch(net, params, x: dict[str, np.ndarray], y: np.ndarray, train_idx, val_idx, *, epochs: int,
+              patience: int, lr: float, weight_decay: float, batch: int, class_weights: str, classes: int,
+              seed: int, names: list[str], train_mode: bool = False, desc: str = "fine-tune") -> dict:
+    """Train ``params`` of ``net`` with Adam on ``x[train_idx]`` (cross-entropy with class
+    weights, seeded order); early stopping on ``val_idx`` when given. The network stays in eval
+    mode (frozen BatchNorm statistics) unless ``train_mode``. Returns the history."""
+    import torch
+
+    xt = {k: torch.from_numpy(np.ascontiguousarray(x[k])) for k in names}
+    yt = torch.from_numpy(np.asarray(y, np.int64))
+    tr = torch.from_numpy(np.asarray(train_idx, np.int64))
+    va = None if val_idx is None or len(val_idx) == 0 else torch.from_numpy(np.asarray(val_idx, np.int64))
+    cw = torch.from_numpy(_class_weights(np.asarray(y)[train_idx], classes, class_weights).astype(np.float32))
+    loss_fn = torch.nn.CrossEntropyLoss(weight=cw)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    best = (float("inf"), 0, None, None)
+    since, losses, epoch = 0, [], 0
+    bar = progress(total=int(epochs), desc=desc, unit="epoch")
+    for epoch in range(1, int(epochs) + 1):
+        net.train(train_mode)
+        order = tr[torch.randperm(len(tr), generator=gen)]
+        total = 0.0
+        for i in range(0, len(order), batch):
+            idx = order[i:i + batch]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(net(*(xt[k][idx] for k in names)), yt[idx])
+            loss.backward()
+            opt.step()
+            total += loss.detach().item() * len(idx)
+        losses.append(round(total / len(tr), 5))
+        bar.update(1)
+        if va is None:
+            continue
+        net.eval()
+        with torch.no_grad():
+            out = net(*(xt[k][va] for k in names))
+            vloss, vacc = float(loss_fn(out, yt[va])), float((out.argmax(1) == yt[va]).float().mean())
+        if vloss < best[0] - 1e-6:
+            best = (vloss, epoch, {k: v.clone() for k, v in net.state_dict().items()}, vacc)
+            since = 0
+        else:
+            since += 1
+            if since >= patience:
+                break
+    bar.close()
+    if va is not None and best[2] is not None:
+        net.load_state_dict(best[2])
+    net.eval()
+    return {"epochs": epoch, "best_epoch": best[1] if va is not None else epoch, "losses": losses,
+            "val_loss": None if va is None else best[0], "val_acc": None if va is None else best[3]}
+
+
+def _torch_accuracy(torch, net, x: dict[str, np.ndarray], y: np.ndarray, names: list[str]) -> float:
+    if len(y) == 0:
+        return float("nan")
+    with torch.no_grad():
+        out = net(*(torch.from_numpy(np.ascontiguousarray(x[k])) for k in names))
+    return float((out.argmax(1).numpy() == y).mean())
+
+
+def _with_softmax(torch, net):
+    """``net`` followed by a softmax over the classes (for a head that outputs probabilities)."""
+
+    class WithSoftmax(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return torch.softmax(self.inner(*args), dim=1)
+
+    return WithSoftmax(net).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+
+
+def _check_options(kind, hidden, class_weights, epochs, patience, lr, weight_decay, finetune_last):
+    if kind not in HEADS:
+        raise BadInput("--head", f"'{kind}' is not one of {', '.join(HEADS)}")
+    if class_weights not in CLASS_WEIGHTS:
+        raise BadInput("--class-weights", f"'{class_weights}' is not one of {', '.join(CLASS_WEIGHTS)}")
+    if int(hidden) < 1:
+        raise BadInput("--hidden", "must be >= 1")
+    if int(epochs) < 1:
+        raise BadInput("--epochs", "must be >= 1")
+    if int(patience) < 1:
+        raise BadInput("--patience", "must be >= 1")
+    if lr is not None and not (float(lr) > 0 and np.isfinite(lr)):
+        raise BadInput("--lr", f"must be > 0, got {lr}")
+    if not (float(weight_decay) >= 0):
+        raise BadInput("--weight-decay", "must be >= 0")
+    if finetune_last is not None and int(finetune_last) < 0:
+        raise BadInput("--finetune-last", "must be >= 0")
+
+
+def _class_map(y: np.ndarray, class_names) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(classes as found, their names, y mapped to 0..K-1)."""
+    classes = np.unique(y)
+    if class_names is None:
+        names = [str(int(c)) for c in classes]
+    else:
+        names = [str(n) for n in (class_names.split(",") if isinstance(class_names, str) else class_names)]
+        if len(names) != len(classes):
+            raise BadInput("--class-names", f"{len(names)} names for {len(classes)} classes "
+                           f"({', '.join(map(str, classes))})")
+    return classes, names, np.searchsorted(classes, y)
+
+
+def _map_test(test: Dataset | None, classes: np.ndarray) -> tuple[Dataset | None, int]:
+    """The test data restricted to the trained classes, labels mapped to 0..K-1; (ds, dropped)."""
+    if test is None:
+        return None, 0
+    y = np.asarray(test.labels)
+    keep = np.isin(y, classes)
+    if not keep.any():
+        raise BadInput("--test-data", f"{test.name} has no examples of the trained classes "
+                       f"({', '.join(map(str, classes))})")
+    return (Dataset(test.name if keep.all() else f"{test.name}, classes {_fmt_classes(classes.tolist())}",
+                    {k: v[keep] for k, v in test.inputs.items()}, np.searchsorted(classes, y[keep])),
+            int((~keep).sum()))
+
+
+def head(
+    model: str | Path,
+    output: str | Path,
+    *,
+    data,
+    test_data=None,
+    cut: str = "auto",
+    kind: str = "linear",
+    hidden: int = 128,
+    classes=None,
+    per_class: int | None = None,
+    class_names=None,
+    val_fraction: float = 0.2,
+    refit: bool = True,
+    epochs: int | None = None,
+    patience: int | None = None,
+    lr: float | None = None,
+    weight_decay: float = 1e-4,
+    class_weights: str = "balanced",
+    seed: int = 0,
+    softmax: bool | None = None,
+    output_name: str | None = None,
+    finetune_last: int | None = None,
+    weights: str | None = None,
+    input_shape: str | None = None,
+    max_candidates: int = 4,
+    cache_dir: str | os.PathLike | None = None,
+    cache: bool = True,
+) -> dict:
+    """Replace the classifier head of ``model`` with one trained on ``data``; write ``output``.
+
+    * ``model``: an ``.onnx`` file, a built-in model name or a factory ``module:function``
+      (``weights``/``input_shape`` as for export).
+    * ``data``: labelled training examples (``digits`` = its train split, an ``.npz`` with the
+      model's inputs and ``labels``, ``module:function``, a Dataset); ``classes`` keeps only
+      those labels (``"5-9"``), ``per_class`` draws that many examples per class (seeded).
+      ``test_data`` (``digits`` = test split) is held out: test accuracy and the graft check.
+    * ``cut``: ``"auto"`` (candidates compared by cross-validated accuracy), ``"head"`` (the
+      classifier input, no search) or a tensor name. ``kind``: linear | mlp (``hidden`` units).
+    * ``val_fraction``: one fold in 1/val_fraction is the validation split (early stopping);
+      ``refit``: train the final head on all examples for the epochs early stopping found.
+    * ``softmax``: end with Softmax (default: as the old head did); ``output_name``: the new
+      output's name; ``class_names``: names of the sorted label values (default the values).
+    * ``finetune_last``: torch source only: also train the last N blocks (0: frozen backbone).
+
+    Returns the output's sidecar (``head``: the summary -- cut and candidates, accuracies;
+    ``verification``: the graft check or the export check).
+    """
+    from .sources import is_onnx_path, resolve
+
+    _check_options(kind, hidden, class_weights, epochs or 1, patience or 1, lr, weight_decay, finetune_last)
+    common = dict(data=data, test_data=test_data, kind=kind, hidden=hidden, classes=parse_classes(classes),
+                  per_class=per_class, class_names=class_names, val_fraction=val_fraction, refit=refit,
+                  weight_decay=weight_decay, class_weights=class_weights, seed=seed, output_name=output_name)
+    onnx_route = dict(cut=cut, epochs=epochs or 500, patience=patience or 50, lr=lr or 1e-2, softmax=softmax,
+                      max_candidates=max_candidates, cache_dir=cache_dir, cache=cache)
+    if isinstance(model, (str, Path)) and is_onnx_path(str(model)):
+        if finetune_last:
+            raise BadInput("--finetune-last", f"unfreezing blocks needs the torch source, not the ONNX file {model}",
+                           "name a built-in model or a factory module:function")
+        if weights is not None or input_shape is not None:
+            raise BadInput("--weights", "only applies to a torch source, not to an ONNX file")
+        return _head_onnx(model, output, **common, **onnx_route)
+    spec = resolve(str(model), input_shape=input_shape, weights=weights) if isinstance(model, str) else model
+    if not finetune_last:  # frozen backbone: export it, then the ONNX route
+        from .export import export_spec
+
+        with tempfile.TemporaryDirectory(prefix="onnxopt-head.") as tmp:
+            src = Path(tmp) / "backbone.onnx"
+            export_spec(spec, src)
+            return _head_onnx(src, output, **common, **onnx_route)
+    if cut not in ("auto", "head"):
+        raise BadInput("--cut", "with --finetune-last the head replaces the model's last Linear layer",
+                       "leave --cut out, or use --finetune-last 0 to cut a frozen backbone")
+    return _head_torch(spec, output, **common, epochs=epochs or 200, patience=patience or 20, lr=lr or 1e-3,
+                       softmax=bool(softmax), finetune_last=int(finetune_last))
+
+
+def _training_sets(data, test_data, proto, classes_sel, per_class, seed, class_names, input_names=None):
+    train = labelled_data(data, "--data", proto, "train", input_names)
+    train = select_classes(train, classes_sel)
+    train = few_shot(train, per_class, seed)
+    y_raw = check_labels(train, "--data")
+    classes, names, y = _class_map(y_raw, class_names)
+    test = None
+    dropped = 0
+    if test_data is not None:
+        test = labelled_data(test_data, "--test-data", proto, "test", input_names)
+        test, dropped = _map_test(test, classes)
+    return train, y, classes, names, test, dropped
+
+
+def _head_onnx(model_path, output, *, data, test_data, cut, kind, hidden, classes, per_class, class_names,
+               val_fraction, refit, epochs, patience, lr, weight_decay, class_weights, seed, softmax, output_name,
+               max_candidates, cache_dir, cache) -> dict:
+    require = _require_torch(str(model_path))
+    t_start = time.perf_counter()
+    proto = load_model(model_path)
+    model = ir.serde.deserialize_model(proto)
+    from .passes.quantize import refuse_quantized
+
+    refuse_quantized(model, str(model_path))
+    where = str(model_path)
+
+    # The cut: the classifier input by default; candidates to compare for "auto".
+    head_match = None
+    if cut in ("auto", "head"):
+        head_match = find_head(model, where)
+        if cut == "auto":
+            cands = cut_candidates(model, head_match.feature, limit=max(1, int(max_candidates)))
+        else:
+            cands = cut_candidates(model, head_match.feature, limit=1)
+        choice = cut
+    else:
+        v = find_value(model, cut)
+        if v is None:
+            raise BadInput("--cut", f"no tensor named '{cut}' in {where}", _candidates_hint(model))
+        try:
+            head_match = find_head(model, where)
+        except BadInput:
+            head_match = None
+        cands = [{"name": cut, "shape": None, "features": None, "op": v.producer().op_type if v.producer() else "input"}]
+        choice = "user"
+    if softmax is None:  # as the old head did
+        softmax = bool(head_match and head_match.softmax)
+
+    train, y, classes_found, names, test, dropped = _training_sets(data, test_data, proto, classes, per_class, seed,
+                                                                   class_names)
+    k = _fold_count(val_fraction)
+    folds = folds_for(y, k, seed) if k else None
+    if k and np.bincount(y).min() < 2:
+        logger.warning("a class has a single example: it is never in a validation fold")
+
+    cache_stats: dict = {}
+    feats = extract_features(proto, train, [c["name"] for c in cands], cache_dir=cache_dir, cache=cache,
+                             where=where, stats=cache_stats)
+    kw = dict(classes=len(classes_found), kind=kind, hidden=hidden, epochs=epochs, patience=patience, lr=lr,
+              weight_decay=weight_decay, class_weights=class_weights, seed=seed)
+    scored = []
+    with deterministic_torch():
+        for c in progress(cands, desc="cut candidates", unit="cut"):
+            x = feats[c["name"]]
+            c["features"] = int(np.prod(x.shape[1:]))
+            c["shape"] = [None] + list(x.shape[1:])
+            h, summ = fit_head(x, y, folds, k=k, refit=refit, cv=len(cands) > 1 or refit, **kw)
+            c.update(val_acc=summ["val_acc"], val_loss=summ["val_loss"], folds=summ["folds"],
+                     best_epochs=summ["best_epochs"])
+            scored.append((c, h))
+    if len(scored) > 1 and k:
+        # Best cross-validated accuracy; ties: lower validation loss, then nearest the output.
+        best_i = min(range(len(scored)), key=lambda i: (-round(scored[i][0]["val_acc"], 9),
+                                                       round(scored[i][0]["val_loss"], 9), i))
+    else:
+        best_i = 0
+    chosen, trained = scored[best_i]
+    for i, (c, _) in enumerate(scored):
+        c["chosen"] = i == best_i
+
+    p = GraftHead(cut=chosen["name"], weights=tuple(trained.weights), biases=tuple(trained.biases),
+                  softmax=bool(softmax), output_name=output_name, labels=tuple(names))
+    t0 = time.perf_counter()
+    result = p(model)
+    graft_s = time.perf_counter() - t0
+    out_proto = ir.serde.serialize_model(result.model)
+
+    # Verify: the grafted model == features -> head computed separately, on held-out data.
+    check_ds = test if test is not None else train
+    check_feats = extract_features(proto, check_ds, [chosen["name"]], cache_dir=cache_dir, cache=cache,
+                                   where=where, stats=cache_stats)[chosen["name"]]
+    ref = head_forward(check_feats, trained.weights, trained.biases, softmax=bool(softmax))
+    sess = make_session(out_proto, "cpu", None, f"{output} (grafted)")
+    outs = []
+    for feeds, _ in check_ds.batches(FEATURE_BATCH):
+        outs.append(run(sess, cast_feeds(out_proto, feeds), f"{output} (grafted)")[0])
+    got = np.concatenate(outs)
+    m = agreement(ref, got, classification=True)
+    limit = GRAFT_ATOL + GRAFT_RTOL * m.get("ref_max_abs", 0.0)
+    one = run(sess, cast_feeds(out_proto, {k: v[:1] for k, v in check_ds.inputs.items()}), f"{output} (grafted)")[0]
+    passed = m["shape_ok"] and m["max_abs_err"] <= limit and m.get("top1_agreement", 1.0) == 1.0 \
+        and one.shape == (1, len(classes_found))
+    verification = {"check": "grafted model vs features -> head computed separately (float64)",
+                    "data": check_ds.name, "held_out": test is not None, "samples": len(check_ds),
+                    "atol": GRAFT_ATOL, "rtol": GRAFT_RTOL, **m, "batch1_shape": list(one.shape),
+                    "passed": bool(passed)}
+    if not passed:
+        err = VerificationFailed(str(output), f"the grafted model differs from features -> head: max abs error "
+                                 f"{m.get('max_abs_err', float('nan')):.3g} > {limit:.3g}",
+                                 "this is a bug in the graft; please report it")
+        err.report = verification
+        raise err
+    test_acc = float((got.argmax(1) == check_ds.labels).mean()) if test is not None else None
+
+    summary = {
+        "route": "features", "cut": chosen["name"], "cut_choice": choice,
+        "cut_why": ("best cross-validated accuracy of the candidates" if choice == "auto" and len(cands) > 1 and k
+                    else "the classifier input (no validation folds to choose by)" if choice == "auto" and len(cands) > 1
+                    else "the classifier input" if choice in ("auto", "head") else "named by the user"),
+        "classifier": None if head_match is None else {"kind": head_match.kind, "feature": head_match.feature,
+                                                        "outputs": list(head_match.outputs),
+                                                        "score_ops": list(head_match.score_ops),
+                                                        "classes": head_match.classes},
+        "candidates": [{k2: c[k2] for k2 in ("name", "op", "shape", "features", "val_acc", "val_loss", "folds",
+                                             "chosen")} for c, _ in scored],
+        "head": kind, "hidden": hidden if kind == "mlp" else None, "classes": len(classes_found),
+        "labels": names, "label_values": [int(c) for c in classes_found], "softmax": bool(softmax),
+        "output": p.output_name, "training_data": train.name, "samples": len(train),
+        "per_class": {n: int(c) for n, c in zip(names, np.bincount(y, minlength=len(names)))},
+        "folds": k, "refit": refit, "epochs": trained.epochs, "class_weights": class_weights, "seed": seed,
+        "lr": lr, "weight_decay": weight_decay,
+        "train_acc": trained.train_acc, "val_acc": chosen["val_acc"], "test_acc": test_acc,
+        "test_data": None if test is None else test.name, "test_samples": None if test is None else len(test),
+        "test_dropped_other_classes": dropped, "feature_cache": cache_stats,
+        "seconds": round(time.perf_counter() - t_start, 3),
+    }
+    step = {"step": "head", "route": "features", "settings": p.settings(), "seconds": round(graft_s, 3),
+            "stats": result.stats, "onnxopt": __version__, "torch": require.__version__.split("+")[0]}
+    meta = lineage(model_path, step)
+    meta["task"] = "classification"
+    meta["dataset"] = None
+    meta["labels"] = names
+    meta["head"] = summary
+    meta["verification"] = verification
+    return save_model(out_proto, output, meta)
+
+
+def _require_torch(where: str):
+    from .sources import require_torch
+
+    return require_torch(where)
+
+
+def _head_torch(spec, output, *, data, test_data, kind, hidden, classes, per_class, class_names, val_fraction,
+                refit, epochs, patience, lr, weight_decay, class_weights, seed, softmax, output_name,
+                finetune_last) -> dict:
+    torch = _require_torch(spec.name)
+    from .export import export_spec
+    from .spec import InputSpec
+
+    t_start = time.perf_counter()
+    names_in = [i.name for i in spec.inputs]
+    train, y, classes_found, names, test, dropped = _training_sets(data, test_data, None, classes, per_class,
+                                                                   seed, class_names, names_in)
+    for n in names_in:
+        if n not in train.inputs:
+            raise BadInput("--data", f"{train.name} has no array for the model input '{n}'",
+                           f"it has {', '.join(sorted(train.inputs))}")
+    k = _fold_count(val_fraction)
+    folds = folds_for(y, k, seed) if k else None
+    K = len(classes_found)
+
+    def build(n_epochs: int | None, tr_idx, va_idx):
+        torch.manual_seed(seed)
+        net = spec.build()
+        found = _classifier(torch, net)
+        if found is None:
+            raise BadInput(spec.name, "has no nn.Linear layer to replace", "use the ONNX route with --cut")
+        parent, attr, lin = found
+        blocks = finetune_blocks(torch, net, exclude=lin)
+        if finetune_last > len(blocks):
+            raise BadInput("--finetune-last", f"{spec.name} has {len(blocks)} blocks before its classifier, "
+                           f"not {finetune_last}")
+        torch.manual_seed(seed)
+        new = torch.nn.Linear(lin.in_features, K) if kind == "linear" else torch.nn.Sequential(
+            torch.nn.Linear(lin.in_features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, K))
+        setattr(parent, attr, new)
+        for p_ in net.parameters():
+            p_.requires_grad_(False)
+        trainable = list(new.parameters())
+        for block in blocks[len(blocks) - finetune_last:]:
+            for m in block:
+                trainable += list(m.parameters(recurse=False))
+        for p_ in trainable:
+            p_.requires_grad_(True)
+        hist = fit_torch(net, trainable, train.inputs, y, tr_idx, va_idx, epochs=n_epochs or epochs,
+                         patience=patience, lr=lr, weight_decay=weight_decay, batch=32, class_weights=class_weights,
+                         classes=K, seed=seed, names=names_in)
+        return net, hist, len(blocks), sum(p_.numel() for p_ in trainable)
+
+    with deterministic_torch():
+        if k:
+            tr, va = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
+            net, hist, n_blocks, n_trainable = build(None, tr, va)
+            val_acc = hist["val_acc"]
+            if refit:
+                net, hist2, _, _ = build(max(1, hist["best_epoch"]), np.arange(len(y)), None)
+                hist = {**hist2, "early_stopping": {k2: hist[k2] for k2 in ("epochs", "best_epoch", "val_loss")}}
+        else:
+            net, hist, n_blocks, n_trainable = build(None, np.arange(len(y)), None)
+            val_acc = None
+        train_acc = _torch_accuracy(torch, net, train.inputs, y, names_in)
+    final = _with_softmax(torch, net) if softmax else net
+    out_name = output_name or ("probabilities" if softmax else "logits")
+    real = {n: np.ascontiguousarray(train.inputs[n][:32]) for n in names_in}
+    tuned = dataclasses.replace(
+        spec, build=lambda: final, outputs=(out_name,), task="classification", dataset=None,
+        summary=f"{spec.summary} (new {kind} head, last {finetune_last} block(s) fine-tuned)",
+        real_inputs=lambda n=32: {k2: v[:n] for k2, v in real.items()},
+        inputs=tuple(InputSpec(i.name, i.shape, i.dtype) for i in spec.inputs))
+    step = {"step": "head", "route": "finetune", "head": kind, "hidden": hidden if kind == "mlp" else None,
+            "finetune_last": finetune_last, "blocks": n_blocks, "trainable_params": int(n_trainable),
+            "classes": K, "labels": names, "training_data": train.name, "samples": len(train), "folds": k,
+            "refit": refit, "lr": lr, "weight_decay": weight_decay, "class_weights": class_weights, "seed": seed,
+            "epochs": hist["epochs"], "train_losses": hist["losses"], "onnxopt": __version__}
+    side = export_spec(tuned, output, steps_before=[step])
+    # Labels in the model's metadata, as the ONNX route writes them; the sidecar gets the summary.
+    proto = load_model(output)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = LABELS_KEY, json.dumps(names)
+    test_acc = None
+    if test is not None:
+        sess = make_session(proto, "cpu", None, str(output))
+        outs = [run(sess, cast_feeds(proto, f), str(output))[0] for f, _ in test.batches(FEATURE_BATCH)]
+        test_acc = float((np.concatenate(outs).argmax(1) == test.labels).mean())
+    meta = {k2: v for k2, v in side.items() if k2 not in ("model", "sha256", "bytes", "io", "opset", "export_seconds")}
+    meta["labels"] = names
+    meta["head"] = {"route": "finetune", "cut": "input of the last Linear", "cut_choice": "torch",
+                    "head": kind, "finetune_last": finetune_last, "blocks": n_blocks,
+                    "trainable_params": int(n_trainable), "classes": K, "labels": names,
+                    "label_values": [int(c) for c in classes_found], "softmax": softmax, "output": out_name,
+                    "training_data": train.name, "samples": len(train), "folds": k, "refit": refit,
+                    "epochs": hist["epochs"], "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc,
+                    "test_data": None if test is None else test.name,
+                    "test_samples": None if test is None else len(test), "test_dropped_other_classes": dropped,
+                    "seconds": round(time.perf_counter() - t_start, 3)}
+    return save_model(proto, output, meta)

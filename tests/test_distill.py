@@ -1,0 +1,167 @@
+"""Knowledge distillation on a tiny digits task: it learns, resumes exactly, runs under DDP."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from onnxopt.errors import BadInput
+from onnxopt.feeds import Dataset
+
+torch = pytest.importorskip("torch")
+
+TINY = 400  # training images of the tiny task (the digits test split stays unseen)
+KW = dict(width=0.25, epochs=3, batch=32, augment="shift", test_data="digits")
+
+
+def wrong_classes_student():
+    """A student factory with 7 outputs, for a 10-class teacher (imported by name in a test)."""
+    from onnxopt.distill import digits_student
+
+    return digits_student(width=0.25, num_classes=7)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The digits-cnn teacher exported, and the tiny task's data as an .npz."""
+    import onnxopt
+    from onnxopt.data.digits import load_digits_split
+
+    d = tmp_path_factory.mktemp("distill")
+    onnxopt.export("digits-cnn", d / "teacher.onnx")
+    x, y, _, _ = load_digits_split()
+    np.savez(d / "tiny.npz", input=x[:TINY], labels=y[:TINY])
+    return d
+
+
+@pytest.fixture(scope="module")
+def one_proc(work):
+    from onnxopt.distill import distill
+
+    return distill(work / "teacher.onnx", work / "s1.onnx", data=str(work / "tiny.npz"),
+                   cache_dir=work / "cache", **KW)
+
+
+def _untrained_accuracy(width: float) -> float:
+    from onnxopt.data.digits import load_digits_split
+    from onnxopt.distill import build_student
+
+    _, _, x, y = load_digits_split()
+    net = build_student("digits-cnn", width, 10, seed=0).eval()
+    with torch.no_grad():
+        return float((net(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+
+
+def test_distillation_improves_over_the_untrained_student(one_proc, work):
+    d = one_proc["distill"]
+    assert d["samples"] == TINY and d["labelled"] == TINY and d["classes"] == 10
+    assert d["params_counted"] == "ONNX initializers" and d["params_ratio"] < 0.1
+    assert d["teacher_targets"] == "online (augmented views)"
+    assert d["train_losses"][-1] < d["train_losses"][0]
+    untrained = _untrained_accuracy(0.25)
+    assert untrained < 0.2
+    assert d["student_acc"] >= untrained + 0.3  # 3 epochs on 400 images, test split never seen
+    assert d["teacher_acc"] > 0.99 and d["test_samples"] == 450
+    assert one_proc["verification"]["passed"]  # export verified against the trained torch student
+    assert [s["step"] for s in one_proc["steps"]] == ["distill", "export"]
+    proto = onnx.load(work / "s1.onnx")
+    assert [o.name for o in proto.graph.output] == ["logits"]
+
+
+def test_interrupted_run_resumes_to_the_same_bytes(work, tmp_path):
+    from onnxopt.distill import distill
+
+    kw = dict(data=str(work / "tiny.npz"), width=0.25, epochs=2, batch=64, augment="none", cache_dir=work / "cache")
+    whole = distill(work / "teacher.onnx", tmp_path / "a.onnx", checkpoint_dir=tmp_path / "ck_a", **kw)
+
+    def interrupt(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(work / "teacher.onnx", tmp_path / "b.onnx", checkpoint_dir=tmp_path / "ck_b", on_epoch_end=interrupt,
+                **kw)
+    assert (tmp_path / "ck_b" / "last.pt").is_file() and not (tmp_path / "b.onnx").exists()
+    resumed = distill(work / "teacher.onnx", tmp_path / "b.onnx", checkpoint_dir=tmp_path / "ck_b", **kw)
+    assert resumed["distill"]["resumed_from_epoch"] == 1 and whole["distill"]["resumed_from_epoch"] is None
+    assert resumed["distill"]["train_losses"] == whole["distill"]["train_losses"]
+    assert resumed["sha256"] == whole["sha256"]  # same weights, same bytes
+    assert resumed["distill"]["teacher_targets"] == "cached"  # the teacher's targets were computed once
+    # A checkpoint of other settings is refused, not silently mixed in.
+    with pytest.raises(BadInput, match="was written by a run with other settings.*--no-resume"):
+        distill(work / "teacher.onnx", tmp_path / "b.onnx", checkpoint_dir=tmp_path / "ck_b", **{**kw, "epochs": 3})
+
+
+def test_two_processes_with_ddp_cover_the_data_and_converge_alike(work, one_proc):
+    from onnxopt.distill import distill
+
+    side = distill(work / "teacher.onnx", work / "s2.onnx", data=str(work / "tiny.npz"), nproc=2,
+                   cache_dir=work / "cache", checkpoint_dir=work / "ck2", **KW)
+    d, d1 = side["distill"], one_proc["distill"]
+    assert d["nproc"] == 2 and d["backend"] == "gloo"
+    cov = d["coverage"]
+    assert cov["per_process"] == [TINY // 2, TINY // 2] and cov["distinct"] == TINY and cov["all_seen"]
+    # Each step sees the same global batch as one process would (BatchNorm statistics are per
+    # process, so the runs are close, not equal).
+    assert abs(d["train_losses"][-1] - d1["train_losses"][-1]) < 0.1 * d1["train_losses"][-1]
+    assert abs(d["student_acc"] - d1["student_acc"]) <= 0.1
+    assert d["student_acc"] >= _untrained_accuracy(0.25) + 0.3
+    assert side["verification"]["passed"]
+
+
+def test_hint_loss_with_a_torch_teacher_and_unlabelled_data(work, tmp_path):
+    from onnxopt.data.digits import load_digits_split
+    from onnxopt.distill import distill
+
+    x, y, _, _ = load_digits_split()
+    np.savez(tmp_path / "few.npz", input=x[:64], labels=y[:64])
+    np.savez(tmp_path / "more.npz", input=x[64:256])
+    side = distill("digits-cnn", tmp_path / "h.onnx", data=str(tmp_path / "few.npz"),
+                   unlabelled=str(tmp_path / "more.npz"), hint_weight=0.5, width=0.25, epochs=1, batch=64,
+                   augment="none", test_data=None, cache_dir=work / "cache")
+    d = side["distill"]
+    assert d["samples"] == 256 and d["labelled"] == 64 and d["hint_weight"] == 0.5
+    assert d["params_counted"] == "torch parameters" and d["student_params"] == 3778
+    # The hint's projection (16 -> 64 features) is training-only: it is not in the exported student.
+    dims = [tuple(i.dims) for i in onnx.load(tmp_path / "h.onnx").graph.initializer]
+    assert (10, 16) in dims and (64, 16) not in dims and (16, 64) not in dims
+
+
+def test_bad_inputs_are_one_line_errors(work, tmp_path, monkeypatch):
+    from onnxopt.distill import distill
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    teacher = work / "teacher.onnx"
+    x = np.random.default_rng(0).random((10, 1, 8, 8), dtype=np.float32)
+    with pytest.raises(BadInput, match=r"--student: outputs \[2, 7\] per batch, but the teacher scores 10 classes"):
+        distill(teacher, tmp_path / "o.onnx", data=str(work / "tiny.npz"), student="test_distill:wrong_classes_student")
+    with pytest.raises(BadInput, match="has 9 labels for 10 samples"):
+        distill(teacher, tmp_path / "o.onnx", data=Dataset("d", {"input": x}, np.arange(9) % 2))
+    with pytest.raises(BadInput, match=r"single class \(4\)"):
+        distill(teacher, tmp_path / "o.onnx", data=Dataset("d", {"input": x}, np.full(10, 4)))
+    with pytest.raises(BadInput, match="--alpha: 1 trains on labels alone"):
+        distill(teacher, tmp_path / "o.onnx", data=Dataset("d", {"input": x}, None), alpha=1.0)
+    with pytest.raises(BadInput, match="--batch: 63 is not divisible by --nproc 2"):
+        distill(teacher, tmp_path / "o.onnx", batch=63, nproc=2)
+    with pytest.raises(BadInput, match="--hint: no tensor named 'nope'"):
+        distill(teacher, tmp_path / "o.onnx", data=Dataset("d", {"input": x}, np.arange(10) % 2), hint="nope",
+                hint_weight=1.0)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_cli_distill_help_and_exit_code(work, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from onnxopt._cli_train import distill as distill_cmd
+    from onnxopt.cli import _Group
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    group = _Group("onnxopt", commands={"distill": distill_cmd})
+    r = CliRunner().invoke(group, ["distill", "--help"])
+    assert r.exit_code == 0 and "Examples:" in r.output and "--nproc" in r.output
+    r = CliRunner().invoke(group, ["distill", str(work / "teacher.onnx"), "-o", str(tmp_path / "o.onnx"),
+                                   "--data", str(work / "tiny.npz"), "--student", "test_distill:wrong_classes_student"])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --student: outputs [2, 7]")
