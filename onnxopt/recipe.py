@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 EVAL_SAMPLES = 512
 CALIBRATION_SAMPLES = 64
-PRUNE_CALIBRATION = 32  # samples for the least-squares re-fit in the search (resnet18: ~20 s per ratio)
+PRUNE_CALIBRATION = 64  # samples for the least-squares re-fit in the search (resnet18: ~60 s per ratio)
 _PLACEHOLDER = object()  # stands in for calibration data when a recipe's steps are validated
 
 

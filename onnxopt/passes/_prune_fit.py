@@ -255,6 +255,9 @@ def _ancestors(graph: ir.Graph, targets: set[ir.Node]) -> dict[ir.Node, frozense
 
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 HOLDOUT_EVERY = 5
+# The dense model never changes, so its targets are captured once for all rounds when they fit in
+# this much memory (else once per round, as the pruned model's inputs must be).
+DENSE_CACHE_BYTES = 1 << 30
 
 
 def _solve(g: np.ndarray, h: np.ndarray, w0: np.ndarray, ridge: float) -> np.ndarray:
@@ -289,6 +292,12 @@ def reconstruct(dense: ir.Model, pruned: ir.Model, targets: list[FitTarget], fee
     remaining = list(targets)
     report: list[dict] = []
     rounds = 0
+    dense_all = Capture(dense, sorted({t.y_name for t in targets}), where="dense model (calibration)")
+    first = dense_all(feeds[0])
+    dense_cache = None
+    if sum(v.nbytes for v in first.values()) * len(feeds) <= DENSE_CACHE_BYTES:
+        dense_cache = [first] + [dense_all(f) for f in feeds[1:]]
+    del first
     while remaining:
         pending = {t.node for t in remaining}
         ready = [t for t in remaining if not (anc.get(t.node, frozenset()) & pending)]
@@ -296,18 +305,19 @@ def reconstruct(dense: ir.Model, pruned: ir.Model, targets: list[FitTarget], fee
             ready = list(remaining)
         rounds += 1
         pruned_cap = Capture(pruned, sorted({t.x_name for t in ready}), where="pruned model (calibration)")
-        dense_cap = Capture(dense, sorted({t.y_name for t in ready}), where="dense model (calibration)")
+        dense_cap = None if dense_cache is not None else \
+            Capture(dense, sorted({t.y_name for t in ready}), where="dense model (calibration)")
         accs = {id(t): _Acc() for t in ready}
         vals = {id(t): _Acc() for t in ready}
         fits = {id(t): _weights(t) for t in ready}
         rngs = {id(t): np.random.default_rng([seed, k]) for k, t in enumerate(ready)}
         failed: dict[int, str] = {}
         offset = 0
-        for f in feeds:
+        for fi, f in enumerate(feeds):
             n_batch = batch_size(f)
             held = (offset + np.arange(n_batch)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
             offset += n_batch
-            ys = dense_cap(f)
+            ys = dense_cache[fi] if dense_cache is not None else dense_cap(f)
             xs = pruned_cap(f)
             for t in ready:
                 if id(t) in failed:
