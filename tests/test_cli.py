@@ -223,3 +223,20 @@ def test_prune_digits_from_the_shell(tmp_path):
     _assert_clean_error(run_cli("prune", fp32, "-o", bad, "--finetune-epochs", "1"), bad, "--finetune-epochs",
                         "torch source")
     _assert_clean_error(run_cli("prune", "digits-cnn", "-o", bad), bad, "--finetune-epochs")
+
+
+def test_optimize_searches_when_given_a_gate(tmp_path):
+    fp32 = tmp_path / "d.onnx"
+    assert run_cli("export", "digits-cnn", "-o", fp32).returncode == 0
+    out = tmp_path / "run"
+    res = run_cli("optimize", fp32, "-o", out, "--data", "digits", "--max-drop", "0.5", "--batch", "64",
+                  "--duration", "0.3", "--no-memory", "--budget", "60")
+    assert res.returncode == 0, res.stderr
+    assert "(chosen)" in res.stdout and "best:" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    chosen = next(v for v in report["variants"] if v["name"] == report["chosen"])
+    assert chosen["drop_points"] <= 0.5 and (out / "best.onnx").exists() and (out / "report.html").exists()
+    res = run_cli("optimize", fp32, "-o", tmp_path / "none", "--data", "digits", "--min-speedup", "1000",
+                  "--batch", "64", "--duration", "0.2", "--no-memory")
+    assert res.returncode == 3 and "no variant holds every gate" in res.stderr
+    assert (tmp_path / "none" / "report.json").exists()
