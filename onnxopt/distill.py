@@ -51,10 +51,10 @@ import onnx
 from . import __version__
 from .artifact import atomic_write_bytes, load_model, model_bytes, read_sidecar, save_model
 from .errors import BadInput
-from .feeds import Dataset, cast_feeds, check_feeds, load_dataset
+from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
 from .head import cache_root, check_labels, labelled_data
 from .runtime import make_session, ort, run
-from .sources import is_factory, is_onnx_path, require_torch
+from .sources import is_factory, is_onnx_path, last_linear, require_torch
 
 __all__ = ["distill", "digits_student", "STUDENTS", "AUGMENTS", "OrtTeacher", "TorchTeacher", "make_teacher",
            "build_student", "shift_images"]
@@ -120,14 +120,6 @@ def build_student(student: str, width: float, num_classes: int, seed: int):
     if not isinstance(net, torch.nn.Module):
         raise BadInput(student, f"the factory returned {type(net).__name__}, not a torch.nn.Module")
     return net
-
-
-def last_linear(torch, net):
-    last = None
-    for m in net.modules():
-        if isinstance(m, torch.nn.Linear):
-            last = m
-    return last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,15 +260,6 @@ def shift_images(torch, x, shifts):
 
 # ---------------------------------------------------------------------------------------------
 # The job
-
-
-def _data_hash(arrays: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k])
-        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _check(alpha, temperature, hint_weight, epochs, batch, lr, nproc, width, augment, student):
@@ -508,7 +491,7 @@ def distill(
     if need_teacher and not online:
         key = None
         if tdesc["kind"] == "onnx":
-            key = [tdesc["sha256"], tdesc["hint"], _data_hash(train.inputs), ort().__version__]
+            key = [tdesc["sha256"], tdesc["hint"], array_digest(train.inputs), ort().__version__]
         logits, feats, cache_hit = _teacher_targets(t, train, cache, cache_dir, key)
         arrays["teacher_logits"] = logits
         if feats is not None:
@@ -523,7 +506,7 @@ def distill(
         "augment": aug_desc, "online_teacher": bool(online and need_teacher), "epochs": int(epochs),
         "batch": int(batch), "lr": float(lr), "weight_decay": float(weight_decay), "seed": int(seed),
         "nproc": int(nproc), "cuda": bool(use_cuda), "threads": int(threads),
-        "data_sha256": _data_hash({**train.inputs, "labels": y}), "torch": torch.__version__,
+        "data_sha256": array_digest({**train.inputs, "labels": y}), "torch": torch.__version__,
     }
     cfg["fingerprint"] = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else output.with_name(output.name + ".ckpt")

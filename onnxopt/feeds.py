@@ -19,7 +19,7 @@ import onnx
 from .artifact import io_signature
 from .errors import BadInput
 
-__all__ = ["Dataset", "random_feeds", "load_dataset", "check_feeds", "gather_vocab_sizes"]
+__all__ = ["Dataset", "random_feeds", "load_dataset", "check_feeds", "gather_vocab_sizes", "array_digest"]
 
 @dataclass
 class Dataset:
@@ -37,6 +37,19 @@ class Dataset:
         for i in range(0, n, batch):
             yield ({k: v[i : i + batch] for k, v in self.inputs.items()},
                    None if self.labels is None else self.labels[i : i + batch])
+
+
+def array_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over named arrays (names, dtypes, shapes and bytes, in name order): a content key
+    for caches of features, soft targets and pass results."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def gather_vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:

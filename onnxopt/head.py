@@ -46,7 +46,7 @@ from . import __version__
 from .artifact import atomic_write_bytes, lineage, load_model, model_bytes, save_model
 from .errors import BadInput, VerificationFailed
 from .evaluate import agreement
-from .feeds import Dataset, cast_feeds, check_feeds, load_dataset
+from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
 from .passes.head import LABELS_KEY, GraftHead, cut_candidates, find_head, find_value, head_forward
 from .progress import progress
 from .runtime import make_session, ort, run
@@ -208,15 +208,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxopt"
 
 
-def _data_hash(inputs: dict[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(inputs):
-        a = np.ascontiguousarray(inputs[k])
-        h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def _feature_model(model: ir.Model, cuts: list[str], where: str) -> onnx.ModelProto:
     """The backbone up to the cut tensors: they become the outputs, the rest is removed."""
     work = model.clone()
@@ -254,7 +245,7 @@ def extract_features(proto: onnx.ModelProto, ds: Dataset, cuts: list[str], *, ba
     (if given) gets ``cache_hits``/``cache_misses``."""
     check_feeds(proto, ds.inputs, ds.name)
     model_sha = hashlib.sha256(model_bytes(proto)).hexdigest()
-    data_sha = _data_hash(ds.inputs)
+    data_sha = array_digest(ds.inputs)
     root = cache_root(cache_dir) / "features"
     out: dict[str, np.ndarray] = {}
     keys = {}

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput, MissingDependency
-from .feeds import Dataset, load_dataset
+from .feeds import Dataset
 from .progress import progress
-from .sources import require_torch, resolve
+from .sources import last_linear, require_torch, resolve
 
 __all__ = ["prune_finetune", "IMPORTANCE"]
 
@@ -30,29 +30,13 @@ IMPORTANCE = ("l1", "l2")
 
 def _training_data(data, spec) -> Dataset:
     """Labelled training data: ``digits`` means its train split (the test split stays unseen)."""
-    if data is None:
-        data = spec.dataset
+    from .head import labelled_data
+
+    data = data if data is not None else spec.dataset
     if data is None:
         raise BadInput("--data", "fine-tuning needs labelled training data", "pass --data digits or an .npz "
                        "with the model's input and labels")
-    if data == "digits":
-        from .data.digits import load_digits_split
-
-        x, y, _, _ = load_digits_split()
-        return Dataset("digits (train split)", {spec.inputs[0].name: x}, y)
-    ds = load_dataset(data)
-    if ds.labels is None:
-        raise BadInput(str(data), "has no labels; fine-tuning needs them")
-    return ds
-
-
-def _classifier(torch, net):
-    """The last Linear layer (the classifier): its outputs are the classes, never pruned."""
-    last = None
-    for m in net.modules():
-        if isinstance(m, torch.nn.Linear):
-            last = m
-    return last
+    return labelled_data(data, "--data", split="train", input_names=[i.name for i in spec.inputs])
 
 
 def prune_finetune(model: str, output: str | Path, *, amount: float = 0.5, epochs: int = 2,
@@ -82,7 +66,7 @@ def prune_finetune(model: str, output: str | Path, *, amount: float = 0.5, epoch
     net = spec.build()
     example = {k: torch.from_numpy(v) for k, v in spec.sample_inputs(1, None, seed=0).items()}
     params_before = sum(p.numel() for p in net.parameters())
-    head = _classifier(torch, net)
+    head = last_linear(torch, net)
     t0 = time.perf_counter()
     pruner = tp.pruner.MetaPruner(
         net, tuple(example.values()) if len(example) > 1 else next(iter(example.values())),

@@ -35,7 +35,7 @@ from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model
 from .bench import BenchSettings, bench
 from .errors import BadInput, GateFailed
 from .evaluate import agreement, predict
-from .feeds import Dataset
+from .feeds import Dataset, array_digest
 from .jobs import allowed_drop, calibration_data, eval_data, head, parse_max_drop
 from .progress import progress
 
@@ -160,12 +160,7 @@ def _settings_of(p) -> dict:
 
 
 def _data_key(feeds: list[dict] | None) -> str:
-    h = hashlib.sha256()
-    for f in feeds or []:
-        for k in sorted(f):
-            a = np.ascontiguousarray(f[k])
-            h.update(k.encode() + str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
-    return h.hexdigest()[:16]
+    return hashlib.sha256("".join(array_digest(f) for f in feeds or []).encode()).hexdigest()[:16]
 
 
 def run_steps(model: onnx.ModelProto, steps: list[tuple[str, dict]], *, calibration: list[dict] | None = None,

@@ -14,7 +14,7 @@ import numpy as np
 from .errors import BadInput, MissingDependency
 from .spec import InputSpec, ModelSpec
 
-__all__ = ["is_onnx_path", "is_factory", "resolve", "parse_shape", "require_torch"]
+__all__ = ["is_onnx_path", "is_factory", "resolve", "parse_shape", "require_torch", "last_linear"]
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -25,6 +25,15 @@ def require_torch(what: str):
     except ImportError:
         raise MissingDependency(what, "torch", "torch") from None
     return torch
+
+
+def last_linear(torch, net):
+    """The last ``nn.Linear`` of ``net`` (its classifier), or None."""
+    last = None
+    for m in net.modules():
+        if isinstance(m, torch.nn.Linear):
+            last = m
+    return last
 
 
 def is_onnx_path(name: str) -> bool:
