@@ -429,8 +429,12 @@ def quantize(model, output, mode, data, preprocess, target, method, per_channel,
 @click.option("--hidden-size", type=int, default=0, help="Hidden size [default: detected from the graph].")
 @click.option("--gelu-approximation", is_flag=True, help="Fuse Gelu as FastGelu (tanh approximation; faster, "
               "max abs error ~5e-4).")
+@click.option("--skip-layer-norm/--no-skip-layer-norm", default=True, show_default=True,
+              help="Fuse residual Add + LayerNorm into SkipLayerNormalization (best on CUDA; ORT's CPU kernel "
+              "is slower than the two ops, so --no-skip-layer-norm keeps them apart in a file for CPUs).")
 @click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
-def simplify(model, output, level, transformer, num_heads, hidden_size, gelu_approximation, as_json):
+def simplify(model, output, level, transformer, num_heads, hidden_size, gelu_approximation, skip_layer_norm,
+             as_json):
     """Simplify an ONNX graph: constant folding, ORT offline fusions, transformer fusions; verified.
 
     \b
@@ -442,12 +446,15 @@ def simplify(model, output, level, transformer, num_heads, hidden_size, gelu_app
     from .report import to_json
 
     side = api_simplify(model, output, level=level, transformer=transformer, num_heads=num_heads,
-                        hidden_size=hidden_size, gelu_approximation=gelu_approximation)
+                        hidden_size=hidden_size, gelu_approximation=gelu_approximation,
+                        skip_layer_norm=skip_layer_norm)
     if as_json:
         click.echo(to_json(side))
         return
     st = side["steps"][-1]["stats"]
     fus = ", ".join(f"{k} {v}" for k, v in sorted((st.get("fusions") or {}).items()) if v) or "none"
+    if st.get("residual_add_as_sum"):
+        fus += f"; {st['residual_add_as_sum']} residual Add kept apart from LayerNorm (as Sum)"
     click.echo(f"{output}: nodes {st.get('nodes_before')} -> {st.get('nodes_after')}; fusions: {fus}")
 
 

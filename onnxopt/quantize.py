@@ -203,7 +203,10 @@ def quantize(
     elif chosen == "dynamic":
         base = model
         if fuse_transformer and looks_like_transformer(model)[0]:
-            base, step = run_step(Simplify(transformer="bert", gelu_approximation=True), model, "simplify")
+            # skip_layer_norm off: ORT's CPU SkipLayerNormalization kernel is slower than
+            # Add + LayerNormalization (see Simplify); dynamic INT8 only runs on the CPU.
+            base, step = run_step(Simplify(transformer="bert", gelu_approximation=True, skip_layer_norm=False),
+                                  model, "simplify")
             steps.append(step)
 
         def make_pass(excl):
@@ -290,11 +293,12 @@ def _check_excluded(model: ir.Model, names: tuple[str, ...]) -> None:
 
 
 def simplify(model_path: str | Path, output: str | Path, *, level: str = "basic", transformer: str = "auto",
-             num_heads: int = 0, hidden_size: int = 0, gelu_approximation: bool = False) -> dict:
+             num_heads: int = 0, hidden_size: int = 0, gelu_approximation: bool = False,
+             skip_layer_norm: bool = True) -> dict:
     """Run :class:`onnxopt.passes.Simplify`, verify against the input (random inputs), write with
     lineage. Returns the output's sidecar (``steps[-1]["stats"]`` has fusions and op counts)."""
     p = Simplify(level=level, transformer=transformer, num_heads=num_heads, hidden_size=hidden_size,
-                 gelu_approximation=gelu_approximation)
+                 gelu_approximation=gelu_approximation, skip_layer_norm=skip_layer_norm)
     proto = load_model(model_path)
     model, step = run_step(p, ir.serde.deserialize_model(proto), "simplify")
     out_proto = ir.serde.serialize_model(model)

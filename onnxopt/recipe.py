@@ -254,7 +254,7 @@ def search_space(model: onnx.ModelProto, *, has_calibration: bool, target: str =
     if target == "cuda":
         cands.append({"name": "fp16", "steps": [("fp16", {})]})
     elif is_tf:
-        fuse = ("simplify", {"transformer": "bert", "gelu_approximation": True})
+        fuse = ("simplify", {"transformer": "bert", "gelu_approximation": True, "skip_layer_norm": False})
         cands += [{"name": "fused", "steps": [("simplify", {"transformer": "bert"})]},
                   {"name": "fused + dynamic INT8", "steps": [fuse, ("quantize-dynamic", {})]}]
     else:

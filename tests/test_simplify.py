@@ -131,3 +131,62 @@ def test_gelu_approximation_fuses_fastgelu():
     np.testing.assert_allclose(_run(ir.serde.serialize_model(exact.model), {"x": x}), ref, rtol=1e-5, atol=1e-5)
     err = np.abs(_run(ir.serde.serialize_model(approx.model), {"x": x}) - ref).max()
     assert 0 < err < 2e-3  # the tanh approximation: close, not exact
+
+
+def _residual_layernorm_graph(opset: int = 17) -> onnx.ModelProto:
+    """x[batch,seq,8] -> MatMul -> Add(bias) -> Add(x) -> LayerNormalization -> Add(constant) -> y:
+    a transformer block's residual connection, and an Add with a constant that must stay Add."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b"),
+             numpy_helper.from_array((1 + rng.standard_normal(8) * 0.1).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "beta"),
+             numpy_helper.from_array(np.float32(0.5), "c")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
+             helper.make_node("Add", ["h", "x"], ["r"]),
+             helper.make_node("LayerNormalization", ["r", "gamma", "beta"], ["n"], axis=-1, epsilon=1e-12),
+             helper.make_node("Add", ["n", "c"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "residual", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def _runtime_ops(proto: onnx.ModelProto, tmp_path) -> set[str]:
+    """The op types of ``proto`` after ORT's own load-time optimizations on the CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.optimized_model_filepath = str(tmp_path / "runtime.onnx")
+    ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return {n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node}
+
+
+def test_skip_layer_norm_off_keeps_add_and_layernorm_apart_at_runtime(tmp_path):
+    proto = _residual_layernorm_graph()
+    fused = Simplify(transformer="bert")(ir.serde.deserialize_model(proto))
+    apart = Simplify(transformer="bert", skip_layer_norm=False)(ir.serde.deserialize_model(proto))
+    assert fused.stats["ops_after"].get("SkipLayerNormalization") == 1
+    assert "SkipLayerNormalization" not in apart.stats["ops_after"]
+    assert apart.stats["residual_add_as_sum"] == 1
+    # the residual Add became Sum; the Add of a constant stayed Add
+    assert apart.stats["ops_after"].get("Sum") == 1 and apart.stats["ops_after"].get("Add") == 2
+    apart_proto = ir.serde.serialize_model(apart.model)
+    # ORT re-runs SkipLayerNormFusion when a session loads the file: on a plain Add it fuses
+    # again, on the Sum it cannot.
+    plain = onnx.ModelProto()
+    plain.CopyFrom(apart_proto)
+    for node in plain.graph.node:
+        if node.op_type == "Sum":
+            node.op_type = "Add"
+    assert "SkipLayerNormalization" in _runtime_ops(plain, tmp_path)
+    assert "SkipLayerNormalization" not in _runtime_ops(apart_proto, tmp_path)
+    x = np.random.default_rng(1).standard_normal((2, 5, 8)).astype(np.float32)
+    ref = _run(proto, {"x": x})
+    np.testing.assert_allclose(_run(apart_proto, {"x": x}), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_run(ir.serde.serialize_model(fused.model), {"x": x}), ref, rtol=1e-5, atol=1e-5)
