@@ -154,6 +154,21 @@ def _export_proto(torch, net, spec: ModelSpec, exporter: str, opset: int, dynami
     # torch.onnx prints progress on stdout; stdout is for data, so send it to stderr. Its
     # registry also warns about every torchvision op it cannot find: noise for our models.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    # Below opset 18 the dynamo exporter builds 18 and tries onnxscript's version converter, which
+    # logs a full traceback when it cannot convert (and keeps 18). export_spec reports the opset
+    # the file really has in one line instead.
+    quiet = [logging.getLogger(n) for n in ("torch.onnx._internal.exporter._compat", "onnxscript.version_converter")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.CRITICAL)
+    try:
+        return _export_quietly(torch, net, args, input_names, output_names, axes, exporter, opset)
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+def _export_quietly(torch, net, args, input_names, output_names, axes, exporter: str, opset: int) -> onnx.ModelProto:
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
@@ -221,9 +236,6 @@ def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", 
     opset = int(opset or spec.default_opset)
     if not 11 <= opset <= 23:
         raise BadInput("--opset", f"{opset} is outside the supported range 11-23")
-    if chosen == "dynamo" and opset < 18:
-        logger.warning("dynamo exporter builds opset 18 and converts down to %d; "
-                       "use --exporter torchscript if the conversion fails", opset)
     tolerance = tolerance or Tolerance()
     torch = require_torch(spec.name)
     net = spec.build()
@@ -244,6 +256,10 @@ def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", 
                        f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
                        "try --exporter " + ("torchscript" if chosen == "dynamo" else "dynamo")) from None
     export_s = time.perf_counter() - t0
+    actual = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if actual != opset:
+        logger.warning("the %s exporter wrote opset %d, not the %d asked for (it could not convert down); "
+                       "use --exporter torchscript for opset %d", chosen, actual, opset, opset)
     _strip_nondeterminism(model)
     model.producer_name = model.producer_name or "pytorch"
     check_model(model, str(output))
@@ -266,7 +282,8 @@ def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", 
             "step": "export",
             "exporter": chosen,
             "exporter_choice": "measured default for this model" if exporter == "auto" else "user",
-            "opset": opset,
+            "opset": actual,
+            **({"opset_requested": opset} if actual != opset else {}),
             "dynamic": dynamic,
             "torch": torch.__version__.split("+")[0],
             "onnxopt": __version__,

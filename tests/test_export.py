@@ -78,3 +78,22 @@ def test_static_export_is_fixed_and_verified_at_its_shape(tmp_path):
     assert side["verification"]["passed"]
     assert io_signature(onnx.load(str(p)))["inputs"][0]["shape"] == [1, 1, 8, 8]
     assert {c["shapes"]["input"][0] for c in side["verification"]["cases"]} == {1}
+
+
+def test_sidecar_records_the_opset_the_file_has(tmp_path, monkeypatch, caplog):
+    """The dynamo exporter keeps opset 18 when it cannot convert down: the sidecar and the log
+    must say what the file really is, in one line (no converter traceback)."""
+    ex = sys.modules["onnxopt.export"]  # the module; onnxopt.export is the function
+    orig = ex._export_proto
+    monkeypatch.setattr(ex, "_export_proto", lambda torch, net, spec, exporter, opset, dynamic:
+                        orig(torch, net, spec, exporter, 18, dynamic))
+    p = tmp_path / "d.onnx"
+    with caplog.at_level("WARNING", logger="onnxopt.export"):
+        side = export("digits-cnn", p, exporter="dynamo", opset=17)
+    step = side["steps"][-1]
+    assert step["opset"] == 18 and step["opset_requested"] == 17
+    assert side["opset"]["ai.onnx"] == 18
+    assert any("wrote opset 18, not the 17" in r.getMessage() for r in caplog.records)
+    monkeypatch.undo()
+    assert "opset_requested" not in export("digits-cnn", tmp_path / "e.onnx", exporter="torchscript",
+                                           opset=17)["steps"][-1]
