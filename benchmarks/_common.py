@@ -10,3 +10,29 @@ def without_temp_paths(obj, tmp: str):
     results name models, not one machine's temp paths."""
     prefix = str(tmp).rstrip("/") + "/"
     return json.loads(json.dumps(obj, default=str).replace(prefix, ""))
+
+
+def repeated_bench(paths, *, repeat: int = 1, **kwargs) -> dict:
+    """``onnxopt.bench`` run ``repeat`` times (each run interleaves all variants), merged: every
+    row's ``p50_ms`` and ``speedup`` become the median over the runs, and ``p50_runs`` /
+    ``speedup_runs`` keep each run's figure. On a shared 2-core machine the speed of the moment
+    moves a whole run (INT8 more than fp32), so the spread between runs is part of the result."""
+    import statistics
+
+    from onnxopt.bench import bench
+
+    reps = [bench(paths, **kwargs) for _ in range(max(1, repeat))]
+    merged = reps[0]
+    for i, row in enumerate(merged["rows"]):
+        p50 = [r["rows"][i]["p50_ms"] for r in reps]
+        ratio = [r["rows"][i]["speedup"] for r in reps]
+        row.update(p50_ms=statistics.median(p50), speedup=statistics.median(ratio),
+                   p50_runs=[round(x, 4) for x in p50], speedup_runs=[round(x, 3) for x in ratio])
+    merged["repeat"] = len(reps)
+    return merged
+
+
+def ratio_range(row: dict) -> str:
+    """'2.41-2.52x over 3 runs' for a row of :func:`repeated_bench` (empty for one run)."""
+    runs = row.get("speedup_runs") or []
+    return f"{min(runs):.2f}-{max(runs):.2f}x over {len(runs)} runs" if len(runs) > 1 else ""

@@ -1,8 +1,9 @@
 """onnxopt quantize defaults vs fp32 and vs ORT's plain quantize_static defaults, side by side.
 
-Run from the repository root:  .venv/bin/python benchmarks/quantize.py [--duration 3] [--only resnet18,...]
-Writes benchmarks/results/quantize.{md,json}. Every ratio comes from ONE bench() call (variants
-interleaved), batch 1 and 2 threads unless stated. resnet18/mobilenet_v2 have random (seeded)
+Run from the repository root:  .venv/bin/python benchmarks/quantize.py [--duration 3] [--repeat 3] [--only resnet18,...]
+Writes benchmarks/results/quantize.{md,json}. Every ratio comes from bench() calls that interleave
+all variants of a model (batch 1 and 2 threads unless stated); --repeat N runs N such calls and
+reports the median ratio with the range. resnet18/mobilenet_v2 have random (seeded)
 weights, so they are calibrated on random-normal images (128 samples): ranges for a random-weight
 network are as representative as any. digits-cnn is calibrated on its train split and evaluated
 on its test split. MiniLM is timed at seq 128 on random token ids; cosine is measured on the
@@ -24,16 +25,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
-from onnxopt.bench import BenchSettings, bench  # noqa: E402
+from onnxopt.bench import BenchSettings  # noqa: E402
 from onnxopt.evaluate import predict  # noqa: E402
 from onnxopt.feeds import Dataset  # noqa: E402
 from onnxopt.quantize import quantize  # noqa: E402
 
-from _common import without_temp_paths
+from _common import ratio_range, repeated_bench, without_temp_paths
+
+REPEAT = 1  # set by --repeat
 
 
-NOTES = """Notes: batch 1 and 2 threads unless stated; each table is ONE interleaved bench() run, so
-compare ratios within a table only. resnet18/mobilenet_v2 have seeded random weights and are
+NOTES = """Notes: batch 1 and 2 threads unless stated; each table is --repeat independent bench() runs,
+each interleaving all the table's variants; p50 and speed-up are medians over the runs, "runs"
+gives the range of the speed-up. Compare ratios within a table only: on this shared 2-core VM a
+whole run can be slower, INT8 more than fp32 (resnet18 INT8 read 2.6x to 3.1x on the same files
+within an hour). resnet18/mobilenet_v2 have seeded random weights and are
 calibrated on 128 random-normal images (acceptable for random weights). "ORT quantize_static
 defaults" is `quantize_static(model, out, reader)` with nothing else set (QDQ, int8 activations,
 per-tensor weights, no pre-processing). "--format qoperator" is onnxopt's defaults with QOperator
@@ -71,8 +77,8 @@ def cnn(name: str, work: Path, settings: BenchSettings) -> dict:
     q_s = time.perf_counter() - t0
     ort_plain_static(fp32, work / f"{name}.ortdefault.onnx", images)
     quantize(fp32, work / f"{name}.qop.onnx", data=calib, format="qoperator")
-    rep = bench([fp32, work / f"{name}.int8.onnx", work / f"{name}.ortdefault.onnx", work / f"{name}.qop.onnx"],
-                settings=settings,
+    rep = repeated_bench([fp32, work / f"{name}.int8.onnx", work / f"{name}.ortdefault.onnx", work / f"{name}.qop.onnx"],
+                settings=settings, repeat=REPEAT,
                 names=[f"{name} fp32", f"{name} onnxopt quantize (defaults)", f"{name} ORT quantize_static defaults",
                        f"{name} onnxopt quantize --format qoperator"])
     return {"bench": rep, "quantize_seconds": round(q_s, 1), "chosen": side["quantize"]}
@@ -83,7 +89,7 @@ def digits(work: Path, settings: BenchSettings) -> dict:
     onnxopt.export("digits-cnn", fp32)
     side = quantize(fp32, work / "digits.int8.onnx", data="digits")
     s = BenchSettings(**{**settings.__dict__, "batches": (1, 450)})
-    rep = bench([fp32, work / "digits.int8.onnx"], settings=s, data="digits",
+    rep = repeated_bench([fp32, work / "digits.int8.onnx"], settings=s, data="digits", repeat=REPEAT,
                 names=["digits-cnn fp32", "digits-cnn onnxopt quantize (defaults)"])
     return {"bench": rep, "accuracy": side["verification"]["accuracy"], "chosen": side["quantize"]}
 
@@ -100,7 +106,7 @@ def minilm(work: Path, settings: BenchSettings) -> dict:
     onnxopt.simplify(ts, work / "minilm.sln.onnx", transformer="bert", gelu_approximation=True)
     quantize(work / "minilm.sln.onnx", work / "minilm.sln.int8.onnx", mode="dynamic", fuse_transformer=False)
     s = BenchSettings(**{**settings.__dict__, "batches": (1, 8), "seq": 128})
-    rep = bench([dyn, ts, work / "minilm.auto.onnx", work / "minilm.sln.int8.onnx"], settings=s,
+    rep = repeated_bench([dyn, ts, work / "minilm.auto.onnx", work / "minilm.sln.int8.onnx"], settings=s, repeat=REPEAT,
                 names=["minilm fp32 (dynamo)", "minilm fp32 (torchscript)", "minilm onnxopt quantize auto",
                        "minilm same INT8 with SkipLayerNormalization fused"])
     ds = Dataset("built-in sentences", _minilm_real(64))
@@ -117,7 +123,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=float, default=3.0)
     ap.add_argument("--only", default="resnet18,mobilenet_v2,minilm,digits")
+    ap.add_argument("--repeat", type=int, default=3, help="independent interleaved runs; medians reported")
     args = ap.parse_args()
+    global REPEAT
+    REPEAT = args.repeat
     settings = BenchSettings(batches=(1,), threads=(2,), providers=("cpu",), duration=args.duration, memory=False)
     results: dict = {"command": "python benchmarks/quantize.py " + " ".join(sys.argv[1:])}
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,10 +137,10 @@ def main() -> None:
                              else minilm(work, settings) if name == "minilm" else digits(work, settings))
             for row in results[name]["bench"]["rows"]:
                 print(f"{row['model']:45s} b{row['batch']:<4d} p50 {row['p50_ms']:8.3f} ms  "
-                      f"{row['speedup']:.2f}x", file=sys.stderr, flush=True)
+                      f"{row['speedup']:.2f}x  {ratio_range(row)}", file=sys.stderr, flush=True)
     lines = [f"# onnxopt quantize benchmark", "", f"Command: `{results['command'].strip()}`", "", NOTES,
              f"Machine: {json.dumps(next(iter(v['bench']['machine'] for k, v in results.items() if k != 'command')))}",
-             "", "| model | batch | p50 ms | speed-up vs first row | notes |", "|---|---|---|---|---|"]
+             "", "| model | batch | p50 ms | speed-up vs first row | runs | notes |", "|---|---|---|---|---|---|"]
     for key, res in results.items():
         if key == "command":
             continue
@@ -141,10 +150,11 @@ def main() -> None:
                 note = f"accuracy {row['accuracy']:.4f}"
             elif "agreement" in row and "cosine_min" in row["agreement"]:
                 note = f"cosine_min vs first {row['agreement']['cosine_min']:.4f}"
-            lines.append(f"| {row['model']} | {row['batch']} | {row['p50_ms']:.3f} | {row['speedup']:.2f}x | {note} |")
+            lines.append(f"| {row['model']} | {row['batch']} | {row['p50_ms']:.3f} | {row['speedup']:.2f}x | "
+                         f"{ratio_range(row)} | {note} |")
         extra = {k: v for k, v in res.items() if k not in ("bench",)}
         lines += ["", f"{key}: `{json.dumps(extra, sort_keys=True)}`", ""]
-        lines += ["| model | batch | p50 ms | speed-up vs first row | notes |", "|---|---|---|---|---|"] \
+        lines += ["| model | batch | p50 ms | speed-up vs first row | runs | notes |", "|---|---|---|---|---|---|"] \
             if key != list(results)[-1] else []
     out = ROOT / "benchmarks" / "results"
     (out / "quantize.json").write_text(json.dumps(without_temp_paths(results, tmp), indent=2, sort_keys=True,
