@@ -240,3 +240,22 @@ def test_optimize_searches_when_given_a_gate(tmp_path):
                   "--batch", "64", "--duration", "0.2", "--no-memory")
     assert res.returncode == 3 and "no variant holds every gate" in res.stderr
     assert (tmp_path / "none" / "report.json").exists()
+
+
+def test_simplify_no_skip_layer_norm_flag(tmp_path):
+    """--no-skip-layer-norm reaches the pass: the residual Add is kept apart (as Sum) and said so."""
+    import onnx
+
+    from test_simplify import _residual_layernorm_graph
+
+    src = tmp_path / "res.onnx"
+    onnx.save(_residual_layernorm_graph(), src)
+    ops = {}
+    for flag in ("--skip-layer-norm", "--no-skip-layer-norm"):
+        out = tmp_path / f"{flag}.onnx"
+        res = CliRunner().invoke(main, ["simplify", str(src), "-o", str(out), "--transformer", "bert", flag])
+        assert res.exit_code == 0, res.output
+        ops[flag] = {n.op_type for n in onnx.load(str(out)).graph.node}
+        assert ("kept apart from LayerNorm" in res.output) == (flag == "--no-skip-layer-norm")
+    assert "SkipLayerNormalization" in ops["--skip-layer-norm"]
+    assert {"Sum", "LayerNormalization"} <= ops["--no-skip-layer-norm"]
