@@ -380,39 +380,8 @@ def train_head(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.
     tr = torch.from_numpy(np.asarray(train_idx, np.int64))
     va = None if val_idx is None or len(val_idx) == 0 else torch.from_numpy(np.asarray(val_idx, np.int64))
     batch = len(tr) if len(tr) <= 2048 else 256
-    gen = torch.Generator().manual_seed(seed)
-    best = (float("inf"), 0, None, None)
-    losses: list[float] = []
-    since = 0
-    epoch = 0
-    for epoch in range(1, int(epochs) + 1):
-        net.train()
-        order = tr[torch.randperm(len(tr), generator=gen)] if batch < len(tr) else tr
-        total = 0.0
-        for i in range(0, len(order), batch):
-            idx = order[i:i + batch]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(z[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            total += loss.detach().item() * len(idx)
-        losses.append(total / len(tr))
-        if va is None:
-            continue
-        net.eval()
-        with torch.no_grad():
-            out = net(z[va])
-            vloss = float(loss_fn(out, yt[va]))
-            vacc = float((out.argmax(1) == yt[va]).float().mean())
-        if vloss < best[0] - 1e-6:
-            best = (vloss, epoch, {k: v.clone() for k, v in net.state_dict().items()}, vacc)
-            since = 0
-        else:
-            since += 1
-            if since >= patience:
-                break
-    if va is not None and best[2] is not None:
-        net.load_state_dict(best[2])
+    hist = _train_epochs(torch, net, lambda idx: net(z[idx]), yt, tr, va, loss_fn, opt, epochs=epochs,
+                         patience=patience, batch=batch, seed=seed, train_mode=True)
     linears = [m for m in net if isinstance(m, nn.Linear)]
     ws = [m.weight.detach().numpy().astype(np.float64) for m in linears]
     bs = [m.bias.detach().numpy().astype(np.float64) for m in linears]
@@ -420,10 +389,9 @@ def train_head(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.
     w0 = ws[0] / std.astype(np.float64)[None, :]
     bs[0] = bs[0] - w0 @ mean.astype(np.float64)
     ws[0] = w0
-    th = TrainedHead([w.astype(np.float32) for w in ws], [b.astype(np.float32) for b in bs], epochs=epoch,
-                     best_epoch=best[1] if va is not None else epoch, train_acc=0.0,
-                     val_loss=None if va is None else best[0], val_acc=None if va is None else best[3],
-                     losses=[round(v, 5) for v in losses])
+    th = TrainedHead([w.astype(np.float32) for w in ws], [b.astype(np.float32) for b in bs],
+                     epochs=hist["epochs"], best_epoch=hist["best_epoch"], train_acc=0.0,
+                     val_loss=hist["val_loss"], val_acc=hist["val_acc"], losses=hist["losses"])
     th.train_acc = th.accuracy(x[train_idx], np.asarray(y)[train_idx])
     return th
 
@@ -504,28 +472,41 @@ def fit_torch(net, params, x: dict[str, np.ndarray], y: np.ndarray, train_idx, v
     cw = torch.from_numpy(_class_weights(np.asarray(y)[train_idx], classes, class_weights).astype(np.float32))
     loss_fn = torch.nn.CrossEntropyLoss(weight=cw)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    bar = progress(total=int(epochs), desc=desc, unit="epoch")
+    hist = _train_epochs(torch, net, lambda idx: net(*(xt[k][idx] for k in names)), yt, tr, va, loss_fn, opt,
+                         epochs=epochs, patience=patience, batch=batch, seed=seed, train_mode=train_mode, bar=bar)
+    bar.close()
+    net.eval()
+    return hist
+
+
+def _train_epochs(torch, net, forward, yt, tr, va, loss_fn, opt, *, epochs: int, patience: int, batch: int,
+                  seed: int, train_mode: bool, bar=None) -> dict:
+    """The training loop shared by heads and fine-tuning: seeded mini-batch order (none when one
+    batch holds the whole train split), ``forward(indices)`` gives logits, early stopping on
+    ``va`` (best epoch restored, ``patience`` epochs without a lower validation loss end it)."""
     gen = torch.Generator().manual_seed(seed)
     best = (float("inf"), 0, None, None)
     since, losses, epoch = 0, [], 0
-    bar = progress(total=int(epochs), desc=desc, unit="epoch")
     for epoch in range(1, int(epochs) + 1):
         net.train(train_mode)
-        order = tr[torch.randperm(len(tr), generator=gen)]
+        order = tr[torch.randperm(len(tr), generator=gen)] if batch < len(tr) else tr
         total = 0.0
         for i in range(0, len(order), batch):
             idx = order[i:i + batch]
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(*(xt[k][idx] for k in names)), yt[idx])
+            loss = loss_fn(forward(idx), yt[idx])
             loss.backward()
             opt.step()
             total += loss.detach().item() * len(idx)
         losses.append(round(total / len(tr), 5))
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
         if va is None:
             continue
         net.eval()
         with torch.no_grad():
-            out = net(*(xt[k][va] for k in names))
+            out = forward(va)
             vloss, vacc = float(loss_fn(out, yt[va])), float((out.argmax(1) == yt[va]).float().mean())
         if vloss < best[0] - 1e-6:
             best = (vloss, epoch, {k: v.clone() for k, v in net.state_dict().items()}, vacc)
@@ -534,10 +515,8 @@ def fit_torch(net, params, x: dict[str, np.ndarray], y: np.ndarray, train_idx, v
             since += 1
             if since >= patience:
                 break
-    bar.close()
     if va is not None and best[2] is not None:
         net.load_state_dict(best[2])
-    net.eval()
     return {"epochs": epoch, "best_epoch": best[1] if va is not None else epoch, "losses": losses,
             "val_loss": None if va is None else best[0], "val_acc": None if va is None else best[3]}
 
