@@ -1190,7 +1190,7 @@ def _open(root: Path, path: Path, prefer: str, provider: str, threads: int | Non
     # Read into memory: the session must not depend on files in a temp folder about to go.
     data = (root / model_file).read_bytes()
     if model_file.endswith(".ort"):
-        session = _session_from_bytes(data, provider, threads, f"{path}:{model_file}")
+        session = make_session(data, provider, threads, where=f"{path}:{model_file}")
     else:
         session = make_session(_proto_from_bytes(data), provider, threads, where=f"{path}:{model_file}")
     labels = None
@@ -1198,10 +1198,3 @@ def _open(root: Path, path: Path, prefer: str, provider: str, threads: int | Non
         labels = (root / m["labels"].get("file", LABELS)).read_text(encoding="utf-8").splitlines()
     return Bundle(session=session, manifest=m, path=path, model_file=model_file, root=keep, report=report,
                   labels=labels)
-
-
-def _session_from_bytes(data: bytes, provider: str, threads: int | None, where: str):
-    """A session over model bytes (ONNX or ORT format) with onnxopt's usual settings."""
-    from .runtime import make_session
-
-    return make_session(data, provider, threads, where)
