@@ -50,11 +50,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train(seed: int = SEED, *, state: dict | None = None, epochs: int = EPOCHS, lr: float = LR,
-          holdout: bool = False, verbose: bool = True) -> tuple[dict, float, float]:
+          holdout: bool = False, classes: int = 10, verbose: bool = True) -> tuple[dict, float, float]:
     """Train (or, from ``state``, fine-tune) a DigitsCNN; returns (state_dict, train acc, test acc).
     ``holdout``: leave out the validation quarter of the train split (the images
-    ``onnxopt.ensemble.digits_validation()`` returns). The defaults are the recipe of the built-in
-    model's weights."""
+    ``onnxopt.ensemble.digits_validation()`` returns). ``classes``: train and test on the images of
+    digits 0 .. classes-1 only, with that many outputs (``models/train_digits04.py``: 5). The
+    defaults are the recipe of the built-in model's weights."""
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -65,8 +66,11 @@ def train(seed: int = SEED, *, state: dict | None = None, epochs: int = EPOCHS, 
 
         keep = np.setdiff1d(np.arange(len(x_train)), digits_validation_indices(len(x_train)))
         x_train, y_train = x_train[keep], y_train[keep]
+    if classes < 10:
+        x_train, y_train = x_train[y_train < classes], y_train[y_train < classes]
+        x_test, y_test = x_test[y_test < classes], y_test[y_test < classes]
     x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in (x_train, y_train, x_test, y_test))
-    model = DigitsCNN()
+    model = DigitsCNN(num_classes=classes)
     if state is not None:
         model.load_state_dict(state)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)

@@ -1,9 +1,9 @@
 """Train a digits backbone on classes 0-4 only, for the head-replacement check (0-4 -> 5-9).
 
-The architecture is the built-in ``DigitsCNN`` with a 5-class classifier, trained like
-``models/train_digits.py`` (same seed, schedule, one-pixel shift augmentation, deterministic
-algorithms, one thread) on the train-split images of digits 0-4 only; the images of 5-9 are never
-seen. Saved to ``models/digits04_cnn.pt``. ``digits04_cnn()`` is a factory that loads it:
+The architecture is the built-in ``DigitsCNN`` with a 5-class classifier, trained by
+``models/train_digits.py``'s ``train(classes=5)`` (same seed, schedule, one-pixel shift
+augmentation, deterministic algorithms, one thread) on the train-split images of digits 0-4 only;
+the images of 5-9 are never seen. Saved to ``models/digits04_cnn.pt``. ``digits04_cnn()`` is a factory that loads it:
 
     python models/train_digits04.py            # train, report accuracy, save
     python models/train_digits04.py --check    # train and compare with the saved file, save nothing
@@ -27,10 +27,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 SEED = 0
-EPOCHS = 40
-BATCH = 64
-LR = 3e-3
-WEIGHT_DECAY = 1e-4
 CLASSES = (0, 1, 2, 3, 4)
 WEIGHTS = "digits04_cnn.pt"
 
@@ -45,52 +41,11 @@ def digits04_cnn() -> nn.Module:
     return model.eval()
 
 
-def _shift(xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Shift the batch by up to one pixel (zero fill), as models/train_digits.py does."""
-    shifts = torch.randint(-1, 2, (2,), generator=gen).tolist()
-    xb = torch.roll(xb, shifts=shifts, dims=(2, 3))
-    if shifts[0] == 1:
-        xb[:, :, 0, :] = 0
-    elif shifts[0] == -1:
-        xb[:, :, -1, :] = 0
-    if shifts[1] == 1:
-        xb[:, :, :, 0] = 0
-    elif shifts[1] == -1:
-        xb[:, :, :, -1] = 0
-    return xb
-
-
 def train() -> tuple[dict, float]:
-    from onnxopt.data.digits import load_digits_split
-    from onnxopt.zoo.digits_cnn import DigitsCNN
+    from models.train_digits import train as train_digits
 
-    torch.manual_seed(SEED)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in load_digits_split())
-    keep, keep_t = y_train < len(CLASSES), y_test < len(CLASSES)
-    x_train, y_train, x_test, y_test = x_train[keep], y_train[keep], x_test[keep_t], y_test[keep_t]
-    model = DigitsCNN(num_classes=len(CLASSES))
-    opt = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps = EPOCHS * ((len(x_train) + BATCH - 1) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
-    gen = torch.Generator().manual_seed(SEED)
-    for _ in range(EPOCHS):
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(order), BATCH):
-            idx = order[i:i + BATCH]
-            loss = nn.functional.cross_entropy(model(_shift(x_train[idx], gen)), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    with torch.no_grad():
-        test_acc = (model(x_test).argmax(1) == y_test).float().mean().item()
-    print(f"{len(x_train)} training images of digits 0-4; test accuracy on 0-4 ({len(x_test)} images) "
-          f"{test_acc:.4f}", file=sys.stderr)
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, test_acc
+    state, _, test_acc = train_digits(SEED, classes=len(CLASSES), verbose=False)
+    return state, test_acc
 
 
 def main() -> int:
