@@ -88,8 +88,14 @@ def random_feeds(
     seq: int = 128,
     seed: int = 0,
     where: str = "model",
+    padded: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Deterministic random inputs for ``model`` at a batch size (and sequence length)."""
+    """Deterministic random inputs for ``model`` at a batch size (and sequence length).
+
+    ``padded``: integer mask inputs (``*mask*``) pad each row after the first on the right, to
+    lengths running from the full sequence down to about half of it, as a tokenizer pads a batch of
+    sentences. Verification uses it, so a rewrite that mishandles padding cannot pass on all-ones
+    masks; timing keeps full rows."""
     sig = io_signature(model)
     vocab = gather_vocab_sizes(model)
     rng = np.random.default_rng(seed)
@@ -110,6 +116,9 @@ def random_feeds(
         elif dtype.kind in "iu":
             if "mask" in lname:
                 arr = np.ones(shape, dtype)
+                if padded and len(shape) == 2 and shape[0] > 1 and shape[1] > 1:
+                    for row in range(1, shape[0]):
+                        arr[row, max(1, shape[1] - (row * shape[1]) // (2 * (shape[0] - 1))):] = 0
             elif "position" in lname and shape:
                 arr = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
             elif "type" in lname or "segment" in lname:

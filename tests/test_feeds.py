@@ -23,6 +23,31 @@ def test_random_feeds_ids_stay_inside_the_embedding_table():
     assert ids.min() >= 0 and ids.max() < 50
 
 
+def _masked_model():
+    from onnx import TensorProto, helper
+
+    def info(name):
+        return helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+
+    nodes = [helper.make_node("Add", ["input_ids", "attention_mask"], ["y"])]
+    graph = helper.make_graph(nodes, "m", [info("input_ids"), info("attention_mask")], [info("y")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_random_feeds_padded_masks_pad_rows_on_the_right():
+    m = _masked_model()
+    full = random_feeds(m, batch=4, seq=32)
+    assert full["attention_mask"].min() == 1  # timing keeps full rows
+    pad = random_feeds(m, batch=4, seq=32, padded=True)
+    mask = pad["attention_mask"]
+    lengths = mask.sum(1)
+    assert lengths[0] == 32 and list(lengths) == sorted(lengths, reverse=True) and lengths[-1] == 16
+    for row, n in zip(mask, lengths):  # ones then zeros: right padding
+        assert row[:n].all() and not row[n:].any()
+    np.testing.assert_array_equal(pad["input_ids"], full["input_ids"])
+    assert random_feeds(m, batch=1, seq=8, padded=True)["attention_mask"].all()  # one row: nothing to pad
+
+
 def test_check_feeds_errors():
     m = make_mlp(0)
     with pytest.raises(BadInput, match="no data for model input"):
