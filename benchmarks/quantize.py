@@ -47,7 +47,8 @@ ops instead of QDQ (CPU-only files; QDQ stays the default: portable to other exe
 and needed by the accuracy fallback). MiniLM: onnxopt auto = onnxruntime.transformers fusions
 (heads/hidden detected from the graph, FastGelu, residual Add + LayerNorm kept apart because
 ORT's CPU SkipLayerNormalization kernel is slower) + dynamic per-channel INT8 of the TorchScript
-export; the last MiniLM row is the same with SkipLayerNormalization fused (ablation), timed at seq 128 on random ids; cosine_mean/cosine_min are over the 64 built-in sentences
+export; the last MiniLM row is the same with SkipLayerNormalization fused (ablation), timed at
+seq 128 on random ids; cosine_mean/cosine_min are over the 64 built-in sentences
 vs the fp32 dynamo export (the table's cosine_min is on the random-id timing batch). digits-cnn is
 calibrated on its train split; accuracy is on the test split.
 """
