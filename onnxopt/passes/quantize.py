@@ -408,6 +408,6 @@ def choose_mode(model: ir.Model, target: str = "cpu") -> tuple[str, str]:
     counts = op_counts(model)
     if counts.get("Conv", 0) or counts.get("MatMul", 0) or counts.get("Gemm", 0):
         return "static", (f"{why}: static INT8, QDQ with uint8 activations and int8 per-channel weights "
-                          "after quant_pre_process (measured 2.9-3.1x on resnet18 vs fp32 on a 2-core AVX512-VNNI "
+                          "after quant_pre_process (measured 2.7-3.1x on resnet18 vs fp32 on a 2-core AVX512-VNNI "
                           "CPU; dynamic INT8 would be 4-10x slower on Conv)")
     raise BadInput("model", "has no Conv, MatMul or Gemm ops: quantization would not make it faster")
