@@ -61,8 +61,8 @@ def head(ds: Dataset, n: int) -> Dataset:
 def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | None, provider: str,
             label: str = "quantized") -> dict:
     """Agreement of ``new`` with ``ref`` on random inputs (batch 1, and 4 with right-padded masks)
-    and real data; accuracy
-    of both when the data is labelled. Raises VerificationFailed on wrong shapes or NaN/Inf."""
+    and real data; accuracy of both when the data is labelled. Raises VerificationFailed on wrong
+    shapes or NaN/Inf."""
     res: dict = {"provider": provider, "cases": []}
     try:
         s_ref, s_new = make_session(ref, provider), make_session(new, provider, where=f"{label} model")
