@@ -53,9 +53,10 @@ def array_digest(arrays: dict[str, np.ndarray]) -> str:
 
 
 def gather_vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
-    """For integer graph inputs used as ``Gather`` indices into a constant table: the table's
-    first dim. Follows Cast/Unsqueeze/Reshape-free chains only one step, which covers torch,
-    tf2onnx and paddle exports of embedding lookups."""
+    """For integer graph inputs used as indices into a constant table: the table's first dim.
+    Covers ``Gather`` (torch, tf2onnx and paddle embedding lookups) and an already-fused
+    ``EmbedLayerNormalization`` (ids -> word table, segment ids -> segment table), directly or
+    through ``Cast`` nodes (fused graphs take int32 ids)."""
     sizes: dict[str, int] = {}
     init_dims = {i.name: list(i.dims) for i in model.graph.initializer}
     for node in model.graph.node:
@@ -63,13 +64,22 @@ def gather_vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
             for a in node.attribute:
                 if a.name == "value":
                     init_dims[node.output[0]] = list(a.t.dims)
-    names = {i.name for i in model.graph.input}
+    source = {i.name: i.name for i in model.graph.input}  # tensor -> the graph input it is a cast of
     for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in names:
-            dims = init_dims.get(node.input[0])
-            if dims:
-                prev = sizes.get(node.input[1])
-                sizes[node.input[1]] = dims[0] if prev is None else min(prev, dims[0])
+        if node.op_type == "Cast" and node.input and node.input[0] in source:
+            source[node.output[0]] = source[node.input[0]]
+    lookups: list[tuple[str, str]] = []  # (indices, table)
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2:
+            lookups.append((node.input[1], node.input[0]))
+        elif node.op_type == "EmbedLayerNormalization" and len(node.input) > 4:
+            lookups += [(node.input[0], node.input[2]), (node.input[1], node.input[4])]
+    for indices, table in lookups:
+        dims = init_dims.get(table)
+        name = source.get(indices)
+        if name and dims:
+            prev = sizes.get(name)
+            sizes[name] = dims[0] if prev is None else min(prev, dims[0])
     return sizes
 
 

@@ -77,3 +77,12 @@ def test_load_npz_dataset(tmp_path):
 def test_digits_dataset():
     ds = load_dataset("digits")
     assert ds.inputs["input"].shape[1:] == (1, 8, 8) and len(ds) == len(ds.labels) > 100
+
+
+def test_vocab_sizes_of_an_already_fused_embedding():
+    """Ids behind a Cast into EmbedLayerNormalization: random ids must stay inside its word table."""
+    from test_simplify import fused_bert_graph
+
+    m = fused_bert_graph()
+    assert gather_vocab_sizes(m) == {"input_ids": 30}
+    assert random_feeds(m, batch=4, seq=32)["input_ids"].max() < 30

@@ -332,6 +332,24 @@ def test_quantize_job_transformer_auto(tmp_path):
     assert side["verification"]["cases"][0]["cosine_min"] > 0.99
 
 
+def test_quantize_auto_on_an_already_fused_transformer(tmp_path):
+    """A file ORT's/Optimum's optimizer already fused (EmbedLayerNormalization, Attention,
+    SkipLayerNormalization) still gets the transformer route, SkipLayerNorm split for the CPU."""
+    from test_simplify import fused_bert_graph
+
+    from onnxopt.quantize import quantize
+
+    src = tmp_path / "fused.onnx"
+    onnx.save(fused_bert_graph(), src)
+    side = quantize(src, tmp_path / "fused.q.onnx")
+    assert side["quantize"]["chosen"] == "dynamic"
+    simplify_stats = side["steps"][-1]["passes"][0]["stats"]
+    assert simplify_stats["skip_layer_norm_unfused"] == 1
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "fused.q.onnx")).graph.node}
+    assert "QAttention" in ops and "SkipLayerNormalization" not in ops
+    assert side["verification"]["cases"][1]["cosine_min"] > 0.98
+
+
 def test_digits_end_to_end(tmp_path):
     import onnxopt
     from onnxopt.quantize import quantize

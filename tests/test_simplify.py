@@ -190,3 +190,98 @@ def test_skip_layer_norm_off_keeps_add_and_layernorm_apart_at_runtime(tmp_path):
     ref = _run(proto, {"x": x})
     np.testing.assert_allclose(_run(apart_proto, {"x": x}), ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_run(ir.serde.serialize_model(fused.model), {"x": x}), ref, rtol=1e-5, atol=1e-5)
+
+
+def _fused_sln_graph(opset: int = 17, bias: bool = True, beta: bool = True, use_sum: bool = False,
+                     use_mean: bool = False) -> onnx.ModelProto:
+    """An already-fused file (as ORT's or Optimum's optimizer writes them): com.microsoft
+    SkipLayerNormalization over two inputs, optionally with bias / beta, its input+skip+bias sum
+    output used downstream, or its mean output used."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((1 + rng.standard_normal(8) * 0.1).astype(np.float32), "gamma")]
+    ins = ["x", "s", "gamma", ""]
+    if beta:
+        inits.append(numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "beta"))
+        ins[3] = "beta"
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "bias"))
+        ins.append("bias")
+    outs = ["n", "mean" if use_mean else "", "", "sum" if use_sum else ""]
+    nodes = [helper.make_node("SkipLayerNormalization", ins, outs, domain="com.microsoft", name="sln",
+                              epsilon=1e-5)]
+    outputs = [helper.make_tensor_value_info("n", TensorProto.FLOAT, ["batch", "seq", 8])]
+    if use_sum:
+        nodes.append(helper.make_node("Mul", ["n", "sum"], ["y"]))
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])]
+    if use_mean:
+        outputs.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, None))
+    graph = helper.make_graph(
+        nodes, "fused", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", "seq", 8]) for n in "xs"],
+        outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("kw", [{}, {"bias": False}, {"beta": False}, {"use_sum": True}])
+def test_skip_layer_norm_off_splits_an_already_fused_file(kw, tmp_path):
+    proto = _fused_sln_graph(**kw)
+    res = Simplify(transformer="bert", skip_layer_norm=False)(ir.serde.deserialize_model(proto))
+    assert res.stats["skip_layer_norm_unfused"] == 1
+    assert "SkipLayerNormalization" not in res.stats["ops_after"]
+    assert res.stats["ops_after"].get("Sum") == 1 and res.stats["ops_after"].get("LayerNormalization") == 1
+    out = ir.serde.serialize_model(res.model)
+    onnx.checker.check_model(out)
+    assert "SkipLayerNormalization" not in _runtime_ops(out, tmp_path)
+    rng = np.random.default_rng(2)
+    feeds = {n: rng.standard_normal((2, 5, 8)).astype(np.float32) for n in "xs"}
+    np.testing.assert_allclose(_run(out, feeds), _run(proto, feeds), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, reason", [({"opset": 16}, "opset 16 has no LayerNormalization"),
+                                         ({"use_mean": True}, "mean/inv_std_var outputs are used")])
+def test_skip_layer_norm_left_fused_with_a_reason(kw, reason):
+    proto = _fused_sln_graph(**kw)
+    res = Simplify(transformer="bert", skip_layer_norm=False)(ir.serde.deserialize_model(proto))
+    assert res.stats["skip_layer_norm_unfused"] == 0
+    assert any(reason in k for k in res.stats["skip_layer_norm_kept"])
+    assert res.stats["ops_after"].get("SkipLayerNormalization") == 1
+
+
+def fused_bert_graph() -> onnx.ModelProto:
+    """A tiny already-fused BERT-like file, as ORT's or Optimum's optimizer writes them: no Gather,
+    int32 ids (behind a Cast) feed EmbedLayerNormalization, then Attention and a residual
+    SkipLayerNormalization."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = {n: numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
+         for n, s in (("word", (30, 8)), ("pos", (128, 8)), ("gamma", (8,)), ("beta", (8,)), ("w", (8, 24)),
+                      ("b", (24,)), ("wo", (8, 8)), ("bo", (8,)))}
+    nodes = [helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
+             helper.make_node("EmbedLayerNormalization", ["ids32", "", "word", "pos", "", "gamma", "beta"],
+                              ["e", "mask_index"], domain="com.microsoft"),
+             helper.make_node("Attention", ["e", "w", "b"], ["a"], domain="com.microsoft", num_heads=2),
+             helper.make_node("MatMul", ["a", "wo"], ["o"]),
+             helper.make_node("SkipLayerNormalization", ["o", "e", "gamma", "beta", "bo"], ["y"],
+                              domain="com.microsoft", epsilon=1e-12)]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 8])
+    graph = helper.make_graph(nodes, "fused", [ids], [y], list(w.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_already_fused_transformer_is_still_a_transformer():
+    from onnxopt.passes._common import looks_like_transformer
+
+    model = fused_bert_graph()
+    is_tf, why = looks_like_transformer(ir.serde.deserialize_model(model))
+    assert is_tf and "input_ids" in why
+    y = _run(model, {"input_ids": np.random.default_rng(0).integers(0, 30, (2, 5)).astype(np.int64)})
+    assert y.shape == (2, 5, 8)

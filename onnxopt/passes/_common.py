@@ -37,16 +37,29 @@ def quantized_ops(model: ir.Model) -> dict[str, int]:
     return {k: v for k, v in op_counts(model).items() if k in QUANTIZED_OPS}
 
 
+def _feeds_embedding(value: ir.Value, depth: int = 0) -> bool:
+    """Does this integer tensor index an embedding: the indices of a ``Gather``, or the ids of an
+    already-fused ``EmbedLayerNormalization`` (ORT and Optimum write one), directly or through a
+    ``Cast`` (fused graphs take int32 ids)?"""
+    for node, index in value.uses():
+        if node.op_type == "Gather" and index == 1:
+            return True
+        if node.op_type == "EmbedLayerNormalization" and index in (0, 1):
+            return True
+        if node.op_type == "Cast" and depth < 2 and _feeds_embedding(node.outputs[0], depth + 1):
+            return True
+    return False
+
+
 def looks_like_transformer(model: ir.Model) -> tuple[bool, str]:
-    """(is it a transformer/text model, why). Integer id inputs feeding an embedding ``Gather``
-    plus attention (Softmax or a fused Attention op) or at least MatMul-heavy compute."""
+    """(is it a transformer/text model, why). Integer id inputs feeding an embedding (``Gather``
+    or a fused ``EmbedLayerNormalization``) plus attention (Softmax or a fused attention op) or at
+    least MatMul-heavy compute."""
     counts = op_counts(model)
     int_inputs = [v.name for v in model.graph.inputs
                   if v.dtype is not None and v.dtype in (ir.DataType.INT64, ir.DataType.INT32)]
-    gathers = {n.inputs[1].name for n in model.graph if n.op_type == "Gather" and len(n.inputs) > 1
-               and n.inputs[1] is not None}
-    embeds = [n for n in int_inputs if n in gathers]
-    attention = counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0) + counts.get("Softmax", 0)
+    embeds = [v.name for v in model.graph.inputs if v.name in int_inputs and _feeds_embedding(v)]
+    attention = sum(counts.get(k, 0) for k in ("Attention", "MultiHeadAttention", "QAttention", "Softmax"))
     matmuls = counts.get("MatMul", 0) + counts.get("Gemm", 0)
     convs = counts.get("Conv", 0)
     if embeds and (attention or matmuls > convs):

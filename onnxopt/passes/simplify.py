@@ -108,6 +108,67 @@ def _residual_add_as_sum(graph: onnx.GraphProto) -> int:
     return count
 
 
+def _unfuse_skip_layer_norm(model: onnx.ModelProto) -> tuple[int, list[str]]:
+    """Split each com.microsoft ``SkipLayerNormalization`` of the main graph back into
+    ``Add(input, bias)``, ``Sum(.., skip)`` and ONNX ``LayerNormalization`` (same maths; Sum keeps
+    ORT from fusing them again, see :func:`_residual_add_as_sum`). Left fused, with the reason:
+    nodes whose mean / inv-std outputs are used (LayerNormalization's differ in shape), and every
+    node when the model's opset is below 17 (no ONNX LayerNormalization). Returns (split, reasons)."""
+    graph = model.graph
+    sln = [n for n in graph.node if n.op_type == "SkipLayerNormalization" and n.domain == "com.microsoft"]
+    if not sln:
+        return 0, []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 17:
+        return 0, [f"{len(sln)} SkipLayerNormalization kept: opset {opset} has no LayerNormalization (needs 17)"]
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    names = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    names |= {t.name for t in graph.initializer}
+
+    def fresh(base: str) -> str:
+        name, k = base, 0
+        while name in names:
+            k += 1
+            name = f"{base}_{k}"
+        names.add(name)
+        return name
+
+    def copy(node: onnx.NodeProto) -> onnx.NodeProto:
+        c = onnx.NodeProto()
+        c.CopyFrom(node)  # the graph's own list is cleared below
+        return c
+
+    kept: list[str] = []
+    new_nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if node.op_type != "SkipLayerNormalization" or node.domain != "com.microsoft":
+            new_nodes.append(copy(node))
+            continue
+        outs = list(node.output) + [""] * (4 - len(node.output))
+        if any(o and o in used for o in outs[1:3]):
+            kept.append(f"{node.name or node.output[0]}: its mean/inv_std_var outputs are used")
+            new_nodes.append(copy(node))
+            continue
+        ins = list(node.input) + [""] * (5 - len(node.input))
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+        base = node.name or outs[0]
+        x = ins[0]
+        if ins[4]:
+            x_bias = fresh(f"{base}_bias_out")
+            new_nodes.append(onnx.helper.make_node("Add", [x, ins[4]], [x_bias], name=fresh(f"{base}_bias")))
+            x = x_bias
+        summed = outs[3] if outs[3] else fresh(f"{base}_sum_out")
+        new_nodes.append(onnx.helper.make_node("Sum", [x, ins[1]], [summed], name=fresh(f"{base}_sum")))
+        ln_in = [summed, ins[2]] + ([ins[3]] if ins[3] else [])
+        new_nodes.append(onnx.helper.make_node("LayerNormalization", ln_in, [outs[0]], name=fresh(f"{base}_ln"),
+                                               axis=-1, epsilon=eps))
+        count += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return count, kept
+
+
 @dataclasses.dataclass(frozen=True)
 class Simplify(ir.passes.FunctionalPass):
     """Options:
@@ -187,18 +248,33 @@ class Simplify(ir.passes.FunctionalPass):
 
     def _fuse(self, src: Path, dst: Path, heads: int, hidden: int) -> dict:
         from onnxruntime.transformers.fusion_options import FusionOptions
-        from onnxruntime.transformers.optimizer import optimize_model
 
         options = FusionOptions("bert")
         options.enable_gelu_approximation = bool(self.gelu_approximation)
         options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = bool(self.skip_layer_norm)
-        # optimize_model prints progress and warnings on stdout; keep stdout for data.
+        # optimize_model prints progress and warnings on stdout; keep stdout for data. Its logger
+        # also warns when the producer is not pytorch (an already-optimized file): not news here.
+        quiet = logging.getLogger("onnxruntime.transformers.optimizer")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            return self._fuse_quietly(src, dst, heads, hidden, options)
+        finally:
+            quiet.setLevel(level)
+
+    def _fuse_quietly(self, src: Path, dst: Path, heads: int, hidden: int, options) -> dict:
+        from onnxruntime.transformers.optimizer import optimize_model
+
         with contextlib.redirect_stdout(io.StringIO()):
             opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden,
                                  opt_level=1 if self.level == "basic" else 2, optimization_options=options)
-            fused = {k: int(v) for k, v in sorted(opt.get_fused_operator_statistics().items()) if v}
-            extra = {"fusions": fused}
+            extra: dict = {}
             if not self.skip_layer_norm:
+                # The input may come fused already (ORT's or Optimum's optimizer): split those too.
+                extra["skip_layer_norm_unfused"], kept = _unfuse_skip_layer_norm(opt.model)
+                if kept:
+                    extra["skip_layer_norm_kept"] = kept
                 extra["residual_add_as_sum"] = _residual_add_as_sum(opt.model.graph)
+            fused = {k: int(v) for k, v in sorted(opt.get_fused_operator_statistics().items()) if v}
             opt.save_model_to_file(str(dst))
-        return extra
+        return {"fusions": fused, **extra}
