@@ -59,10 +59,12 @@ def head(ds: Dataset, n: int) -> Dataset:
 
 
 def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | None, provider: str,
-            label: str = "quantized") -> dict:
+            label: str = "quantized", task: str | None = None) -> dict:
     """Agreement of ``new`` with ``ref`` on random inputs (batch 1, and 4 with right-padded masks)
-    and real data; accuracy of both when the data is labelled. Raises VerificationFailed on wrong
-    shapes or NaN/Inf."""
+    and real data; accuracy of both when the data is labelled. ``task`` (from the input's
+    sidecar) decides whether top-1 agreement means anything: not for embeddings; unknown = a
+    guess from the output shape. Raises VerificationFailed on wrong shapes or NaN/Inf."""
+    classification = None if task is None else task == "classification"
     res: dict = {"provider": provider, "cases": []}
     try:
         s_ref, s_new = make_session(ref, provider), make_session(new, provider, where=f"{label} model")
@@ -73,7 +75,7 @@ def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | Non
     for batch in (1, 4):
         feeds = random_feeds(ref, batch=batch, seq=32, seed=batch, padded=True)
         r, o = run(s_ref, feeds)[0], run(s_new, feeds, f"{label} model")[0]
-        m = agreement(r, o)
+        m = agreement(r, o, classification)
         res["cases"].append({"case": f"random batch {batch}", **m})
         if not m["shape_ok"] or not np.isfinite(o).all():
             raise VerificationFailed(f"{label} model", f"random batch {batch}: output has the wrong shape "
@@ -81,7 +83,7 @@ def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | Non
     if ds is not None:
         ds = head(ds, VERIFY_SAMPLES)
         r, o = predict(ref, ds, where="reference"), predict(new, ds, where=f"{label} model")
-        res["cases"].append({"case": ds.name, "samples": len(ds), **agreement(r, o)})
+        res["cases"].append({"case": ds.name, "samples": len(ds), **agreement(r, o, classification)})
         if ds.labels is not None and r.ndim == 2:
             acc_r = float((r.argmax(1) == ds.labels).mean())
             acc_o = float((o.argmax(1) == ds.labels).mean())

@@ -172,7 +172,7 @@ def prune_onnx(
     step["onnxopt"] = __version__
     out_proto = ir.serde.serialize_model(new_model)
 
-    verification = verify_variant(proto, out_proto, eval_ds, "cpu", label="pruned")
+    verification = verify_variant(proto, out_proto, eval_ds, "cpu", label="pruned", task=(prev or {}).get("task"))
     acc = verification.get("accuracy")
     stats = step["stats"]
     before, after = _sizes(proto), _sizes(out_proto)

@@ -244,7 +244,7 @@ def quantize(
     steps.append(step)
 
     out_proto = ir.serde.serialize_model(qmodel)
-    verification = verify_variant(proto, out_proto, eval_ds, provider)
+    verification = verify_variant(proto, out_proto, eval_ds, provider, task=(prev or {}).get("task"))
     decision = {"mode": mode, "chosen": chosen, "why": why, "target": target}
     for s in steps:
         s["onnxopt"] = __version__
@@ -302,7 +302,8 @@ def simplify(model_path: str | Path, output: str | Path, *, level: str = "basic"
     proto = load_model(model_path)
     model, step = run_step(p, ir.serde.deserialize_model(proto), "simplify")
     out_proto = ir.serde.serialize_model(model)
-    verification = verify_variant(proto, out_proto, None, "cpu")
+    verification = verify_variant(proto, out_proto, None, "cpu", label="simplified",
+                                  task=(read_sidecar(model_path) or {}).get("task"))
     for case in verification.get("cases", []):
         if case.get("cosine_min", 1.0) < 0.999:
             raise VerificationFailed(str(output), f"simplified model disagrees with the input on "

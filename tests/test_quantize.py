@@ -361,3 +361,28 @@ def test_digits_end_to_end(tmp_path):
     acc = side["verification"]["accuracy"]
     assert acc["drop_points"] <= 0.5 and acc["quantized"] > 0.95
     assert side["steps"][0]["step"] == "export" and side["steps"][-1]["step"] == "quantize"
+
+
+def test_verification_reports_top1_only_for_classifiers():
+    """An embedding's argmax means nothing: with the task from the sidecar, no top-1 column."""
+    from conftest import make_mlp
+
+    from onnxopt.jobs import verify_variant
+
+    ref, new = make_mlp(0), make_mlp(0)
+    guessed = verify_variant(ref, new, None, "cpu")
+    embedding = verify_variant(ref, new, None, "cpu", task="embedding")
+    classifier = verify_variant(ref, new, None, "cpu", task="classification")
+    assert all("top1_agreement" in c for c in guessed["cases"])  # 2-D output, no task: a guess
+    assert not any("top1_agreement" in c for c in embedding["cases"])
+    assert all(c["top1_agreement"] == 1.0 for c in classifier["cases"])
+
+
+def test_dynamic_quantization_drops_orts_preprocessing_hint(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        QuantizeDynamic()(irm(make_tiny_transformer()))
+    assert not any("pre-processing" in r.getMessage() for r in caplog.records)
+    import logging
+
+    assert not any(isinstance(f, logging.Filter) and type(f).__name__ == "_DropPreprocessHint"
+                   for f in logging.getLogger().filters)  # the filter is removed again

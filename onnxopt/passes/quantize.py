@@ -46,6 +46,27 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
+class _DropPreprocessHint(logging.Filter):
+    """ORT's quantizers log "Please consider to run pre-processing before quantization" on the
+    root logger whenever the file lacks its marker: onnxopt runs quant_pre_process itself where it
+    applies (static; not on fused transformer graphs), so the hint is noise for our users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
+
+
+@contextlib.contextmanager
+def _quiet_ort_quantizer():
+    root, hint = logging.getLogger(), _DropPreprocessHint()
+    root.addFilter(hint)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.removeFilter(hint)
+
 METHODS = ("minmax", "entropy", "percentile")
 FORMATS = ("qdq", "qoperator")
 QTYPES = ("uint8", "int8")
@@ -284,8 +305,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
             extra["CalibStridedMinMax"] = calib["stride"]
         qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
+            with _quiet_ort_quantizer():
                 quantize_static(
                     str(src), str(dst), reader,
                     quant_format=QuantFormat.QDQ if self.format == "qdq" else QuantFormat.QOperator,
@@ -338,8 +358,7 @@ class QuantizeDynamic(ir.passes.FunctionalPass):
     def _quantize(self, src: Path, dst: Path, work: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with _quiet_ort_quantizer():
             quantize_dynamic(
                 str(src), str(dst), per_channel=self.per_channel, reduce_range=self.reduce_range,
                 weight_type=QuantType.QInt8 if self.weight_type == "int8" else QuantType.QUInt8,
