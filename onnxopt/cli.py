@@ -152,7 +152,8 @@ def _bench_options(batch: str = "1", duration: float = 3.0) -> list:
         click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs per model first."),
         click.option("--seq-len", type=int, default=128, show_default=True, help="Sequence length for text inputs."),
         click.option("--no-memory", is_flag=True, help="Skip the peak-memory measurement (one process per model)."),
-        click.option("--data", help="Labelled data for accuracy: 'digits' or an .npz (inputs by name + labels)."),
+        click.option("--data", help="Data for accuracy and agreement: 'digits', 'sentences' (built-in text) or an .npz "
+                     "(inputs by name + labels)."),
     ]
 
 
@@ -350,8 +351,9 @@ def report_cmd(run_dir):
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized .onnx file.")
 @click.option("--mode", type=click.Choice(["auto", "static", "dynamic", "fp16"]), default="auto", show_default=True,
               help="auto picks by model family and target and says why.")
-@click.option("--data", help="Calibration/evaluation data: 'digits', an .npz/.npy, a folder of images "
-              "(class subfolders give labels) or module:function [default: the model's sidecar dataset].")
+@click.option("--data", help="Calibration/evaluation data: 'digits', 'sentences' (built-in text), an .npz/.npy, a "
+              "folder of images (class subfolders give labels) or module:function [default: the model's sidecar "
+              "dataset].")
 @click.option("--preprocess", type=click.Choice(["imagenet", "unit", "raw"]), default="imagenet", show_default=True,
               help="How an image folder becomes input: imagenet = resize/centre-crop, /255, ImageNet mean/std.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -476,8 +478,8 @@ def simplify(model, output, level, transformer, num_heads, hidden_size, gelu_app
 @click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
               help="magnitude: one threshold per layer or one for all layers.")
 @click.option("--nm", "nm", default="2:4", show_default=True, help="nm: keep N of every M weights (N:M).")
-@click.option("--data", help="Calibration/evaluation data: 'digits', .npz/.npy, an image folder or module:function "
-              "[default: the model's sidecar dataset].")
+@click.option("--data", help="Calibration/evaluation data: 'digits', 'sentences', .npz/.npy, an image folder or "
+              "module:function [default: the model's sidecar dataset].")
 @click.option("--preprocess", type=click.Choice(["imagenet", "unit", "raw"]), default="imagenet", show_default=True,
               help="How an image folder becomes input.")
 @click.option("--calibration-samples", type=int, default=256, show_default=True)

@@ -182,7 +182,8 @@ def cast_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str
 def load_dataset(spec, model: onnx.ModelProto | None = None, *, preprocess: str = "imagenet") -> Dataset:
     """A labelled (or unlabelled) dataset from what the user names:
 
-    * a built-in name: ``digits`` (the test split);
+    * a built-in name: ``digits`` (the test split) or ``sentences`` (the 64 built-in English
+      sentences, tokenized for MiniLM, unlabelled: for agreement/cosine gates on text models);
     * an ``.npz`` with one array per model input (by name; a single unnamed array ``x``/``inputs``
       maps onto a single-input model) and optionally ``labels`` (or ``y``); an ``.npy`` array;
     * a folder of images (``root/<class>/*.png`` for labels, or images directly in ``root``),
@@ -205,14 +206,22 @@ def load_dataset(spec, model: onnx.ModelProto | None = None, *, preprocess: str 
             if len(names) == 1:
                 inputs = {names[0]: x_test}
         return Dataset("digits (test split)", inputs, y_test)
+    if spec == "sentences":
+        from .data.text import SENTENCES, tokenize
+
+        inputs = tokenize(SENTENCES)
+        if model is not None:  # e.g. an export without token_type_ids
+            names = {i["name"] for i in io_signature(model)["inputs"]}
+            inputs = {k: v for k, v in inputs.items() if k in names} or inputs
+        return Dataset(f"sentences ({len(SENTENCES)} built-in)", inputs, None)
     if Path(spec).is_dir():
         return _image_folder(spec, model, preprocess)
     if _CALLABLE.match(spec) and not Path(spec).exists():
         return _from_callable(spec, model)
     p = Path(spec)
     if p.suffix not in (".npz", ".npy"):
-        raise BadInput(spec, "unknown dataset", "use 'digits', an .npz file with inputs and labels, a folder "
-                       "of images or module:function")
+        raise BadInput(spec, "unknown dataset", "use 'digits', 'sentences', an .npz file with inputs and labels, "
+                       "a folder of images or module:function")
     if not p.exists():
         raise BadInput(spec, "no such file")
     try:

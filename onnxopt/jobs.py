@@ -24,7 +24,7 @@ VERIFY_SAMPLES = 256
 def sidecar_dataset(sidecar: dict | None) -> str | None:
     """The dataset named in the input's sidecar, when onnxopt can load it by name."""
     name = (sidecar or {}).get("dataset")
-    return name if name == "digits" else None
+    return name if name in ("digits", "sentences") else None
 
 
 def calibration_data(data, proto: onnx.ModelProto, sidecar: dict | None, eval_ds: Dataset | None

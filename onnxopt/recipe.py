@@ -202,12 +202,15 @@ def run_steps(model: onnx.ModelProto, steps: list[tuple[str, dict]], *, calibrat
 
 # ---- evaluation --------------------------------------------------------------------------------
 
-def _quality(ref_out: np.ndarray, proto: onnx.ModelProto, ds: Dataset | None, where: str) -> dict:
+def _quality(ref_out: np.ndarray, proto: onnx.ModelProto, ds: Dataset | None, where: str,
+             classification: bool | None = None) -> dict:
+    """Size, and with data: agreement with the reference (top-1 for classifiers, else min cosine;
+    ``classification`` None = guessed from the output shape), mean cosine, accuracy with labels."""
     q: dict = {"bytes": len(model_bytes(proto))}
     if ds is None:
         return q
     out = predict(proto, ds, where=where)
-    ag = agreement(ref_out, out)
+    ag = agreement(ref_out, out, classification)
     if not ag.get("shape_ok", True):
         q["agreement"] = 0.0
         return q
@@ -292,6 +295,8 @@ def evaluate_variants(reference: Path, candidates: list[dict], *, data=None, gat
     settings = settings or BenchSettings(batches=(1,), duration=2.0, memory=False)
     ref_proto = load_model(reference)
     prev = read_sidecar(reference)
+    task = (prev or {}).get("task")
+    classification = None if task is None else task == "classification"  # embeddings: no top-1
     eval_ds = eval_data(data, ref_proto, prev, preprocess)
     if gates.max_drop is not None and (eval_ds is None or eval_ds.labels is None):
         raise BadInput("gates.max_drop", "needs labelled data to measure accuracy", "pass --data")
@@ -342,7 +347,8 @@ def evaluate_variants(reference: Path, candidates: list[dict], *, data=None, gat
             if not st.get("cached") and "seconds" in st:
                 step_seconds[st["step"]] = max(step_seconds.get(st["step"], 0.0), st["seconds"])
         rec["steps"] = steps
-        q = _quality(ref_out, proto, ds, cand["name"]) if ds is not None else {"bytes": len(model_bytes(proto))}
+        q = _quality(ref_out, proto, ds, cand["name"], classification) if ds is not None \
+            else {"bytes": len(model_bytes(proto))}
         rec.update(q)
         rec["gates"] = _quality_checks(gates, q)
         rec["status"] = "ok" if all(g["passed"] for g in rec["gates"]) else "rejected"
@@ -381,7 +387,7 @@ def evaluate_variants(reference: Path, candidates: list[dict], *, data=None, gat
     if ref_row:
         reference_row.update(p50_ms=ref_row["p50_ms"], p90_ms=ref_row["p90_ms"], speedup=1.0)
     if ds is not None:
-        reference_row.update(_quality(ref_out, ref_proto, ds, "reference"))
+        reference_row.update(_quality(ref_out, ref_proto, ds, "reference", classification))
     timed = [r for r in [reference_row] + variants if "p50_ms" in r]
     front = pareto_front(timed) if timed else []
     for r in [reference_row] + variants:

