@@ -137,16 +137,22 @@ def main() -> int:
 
     start = time.perf_counter()
     state, train_acc, test_acc = train(args.seed, holdout=args.holdout)
+    print(f"train acc {train_acc:.4f}  test acc {test_acc:.4f}  ({time.perf_counter() - start:.1f} s)")
+    return save_or_check(state, args.out, args.check)
+
+
+def save_or_check(state: dict, out: Path, check: bool) -> int:
+    """Write ``state`` to ``out`` (atomically), or with ``check`` compare its bytes with the file
+    there and write nothing. Returns the exit code: 1 when a check finds different bytes."""
     data = serialize(state)
     digest = hashlib.sha256(data).hexdigest()
-    print(f"train acc {train_acc:.4f}  test acc {test_acc:.4f}  ({time.perf_counter() - start:.1f} s)")
     print(f"sha256 {digest}  {len(data)} bytes")
-    if args.check:
-        same = args.out.exists() and hashlib.sha256(args.out.read_bytes()).hexdigest() == digest
-        print("same bytes as " + str(args.out) if same else "DIFFERS from " + str(args.out))
+    if check:
+        same = out.exists() and hashlib.sha256(out.read_bytes()).hexdigest() == digest
+        print("same bytes as " + str(out) if same else "DIFFERS from " + str(out))
         return 0 if same else 1
-    atomic_write_bytes(args.out, data)
-    print(f"saved {args.out}")
+    atomic_write_bytes(out, data)
+    print(f"saved {out}")
     return 0
 
 

@@ -13,8 +13,6 @@ the images of 5-9 are never seen. Saved to ``models/digits04_cnn.pt``. ``digits0
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import sys
 import time
 from pathlib import Path
@@ -53,23 +51,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=HERE / WEIGHTS)
     parser.add_argument("--check", action="store_true", help="compare with the saved file; write nothing")
     args = parser.parse_args()
-    from onnxopt.artifact import atomic_write_bytes
+    from models.train_digits import save_or_check
 
     start = time.perf_counter()
     state, test_acc = train()
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
     print(f"test acc (0-4) {test_acc:.4f}  ({time.perf_counter() - start:.1f} s)")
-    print(f"sha256 {digest}  {len(data)} bytes")
-    if args.check:
-        same = args.out.exists() and hashlib.sha256(args.out.read_bytes()).hexdigest() == digest
-        print("same bytes as " + str(args.out) if same else "DIFFERS from " + str(args.out))
-        return 0 if same else 1
-    atomic_write_bytes(args.out, data)
-    print(f"saved {args.out}")
-    return 0
+    return save_or_check(state, args.out, args.check)
 
 
 if __name__ == "__main__":
