@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .errors import BadInput, VerificationFailed
+from .errors import BadInput, GateFailed, VerificationFailed
 from .evaluate import agreement, predict
 from .feeds import Dataset, load_dataset, random_feeds
 from .runtime import make_session, run
@@ -141,3 +141,14 @@ def accuracy_gate(max_drop, accuracy: dict | None) -> dict | None:
     allowed = allowed_drop(spec, accuracy["reference"])
     return {"max_drop": str(max_drop), "kind": spec[1], "max_drop_points": round(allowed, 4),
             "drop_points": accuracy["drop_points"], "passed": accuracy["drop_points"] <= allowed}
+
+
+def raise_if_gate_failed(gate: dict | None, output, sidecar: dict, hint: str) -> None:
+    """Raise :class:`GateFailed` (with ``sidecar`` as its report) when the :func:`accuracy_gate`
+    record ``gate`` did not pass; the model and its sidecar are already written."""
+    if gate is None or gate["passed"]:
+        return
+    err = GateFailed(str(output), f"accuracy dropped {gate['drop_points']:.2f} points, more than --max-drop "
+                     f"{gate['max_drop']} ({gate['max_drop_points']:.2f} points)", hint)
+    err.report = sidecar
+    raise err

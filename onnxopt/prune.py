@@ -24,11 +24,12 @@ import onnx_ir as ir
 
 from . import __version__
 from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model
-from .errors import BadInput, GateFailed
+from .errors import BadInput
 from .feeds import Dataset
 from .passes.prune import IMPORTANCES, MASK_METHODS, SCOPES, PruneChannels, PruneMasks, count_params
 from .passes.quantize import refuse_quantized
-from .jobs import accuracy_gate, calibration_data, eval_data, parse_max_drop, run_step, verify_variant
+from .jobs import (accuracy_gate, calibration_data, eval_data, parse_max_drop, raise_if_gate_failed, run_step,
+                   verify_variant)
 
 __all__ = ["prune", "prune_onnx", "METHODS"]
 
@@ -197,16 +198,11 @@ def prune_onnx(
     meta["verification"] = verification
     gate = accuracy_gate(max_drop, acc)
     if gate is not None:
-        allowed = gate["max_drop_points"]
         meta["gate"] = gate
     sidecar = save_model(out_proto, output, meta)
-    if gate and not gate["passed"]:
-        hint = ("prune less (--amount), give more calibration data, or --skip sensitive layers"
-                if method == "channel" else "prune less (--amount) or --skip sensitive layers")
-        err = GateFailed(str(output), f"accuracy dropped {acc['drop_points']:.2f} points, more than --max-drop "
-                         f"{max_drop} ({allowed:.2f} points)", hint)
-        err.report = sidecar
-        raise err
+    raise_if_gate_failed(gate, output, sidecar,
+                         "prune less (--amount), give more calibration data, or --skip sensitive layers"
+                         if method == "channel" else "prune less (--amount) or --skip sensitive layers")
     return sidecar
 
 

@@ -21,7 +21,7 @@ from .errors import BadInput, GateFailed, VerificationFailed
 from .evaluate import predict
 from .feeds import Dataset, random_feeds
 from .jobs import (VERIFY_SAMPLES, accuracy_gate, allowed_drop, calibration_data, eval_data, head,
-                   parse_max_drop, run_step, verify_variant)
+                   parse_max_drop, raise_if_gate_failed, run_step, verify_variant)
 from .passes import ConvertFP16, QuantizeDynamic, QuantizeStatic, QuantPreprocess, Simplify, choose_mode
 from .passes._common import looks_like_transformer, op_counts
 from .passes.quantize import METHODS, FORMATS, QTYPES, TARGETS, refuse_quantized
@@ -262,20 +262,15 @@ def quantize(
     acc = verification.get("accuracy")
     gate = accuracy_gate(max_drop, acc)
     if gate is not None:
-        allowed = gate["max_drop_points"]
         meta["gate"] = gate
     sidecar = save_model(out_proto, output, meta)
-    if gate and not gate["passed"]:
-        if fb_report is not None:
-            hint = (f"even with {len(fb_report['kept_float'])} node(s) left in float the gate does not hold; "
-                    "try --method entropy, more --calibration-samples, or a larger --max-float-nodes")
-        else:
-            hint = ("try --method entropy; the fallback (on by default) leaves the most sensitive nodes "
-                    "in float" if not fallback else "fp16 has no fallback; block ops with --exclude")
-        err = GateFailed(str(output), f"accuracy dropped {acc['drop_points']:.2f} points, more than "
-                         f"--max-drop {max_drop} ({allowed:.2f} points)", hint)
-        err.report = sidecar
-        raise err
+    if fb_report is not None:
+        hint = (f"even with {len(fb_report['kept_float'])} node(s) left in float the gate does not hold; "
+                "try --method entropy, more --calibration-samples, or a larger --max-float-nodes")
+    else:
+        hint = ("try --method entropy; the fallback (on by default) leaves the most sensitive nodes "
+                "in float" if not fallback else "fp16 has no fallback; block ops with --exclude")
+    raise_if_gate_failed(gate, output, sidecar, hint)
     if speed and not speed["passed"]:
         err = GateFailed(str(output), f"the quantized model is slower than the input ({speed['speedup']:.2f}x "
                          "at batch 1)", "fewer nodes in float (--max-float-nodes) or a looser --max-drop")
