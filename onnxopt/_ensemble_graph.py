@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import BadInput
+from .errors import BadInput, check_choice
 
 __all__ = ["COMBINES", "MIN_OPSET", "Member", "prepare", "build_parallel", "build_cascade", "soup",
            "check_same_architecture", "combine_numpy", "cascade_numpy", "softmax", "confidence"]
@@ -324,8 +324,7 @@ def build_parallel(members: list[Member], combine: str, weights: list[float], ou
                    ) -> tuple[onnx.ModelProto, dict]:
     """One graph running every member on the shared inputs; output: the combination of their first
     outputs (``weights`` sum to one). Returns (model, notes)."""
-    if combine not in COMBINES:
-        raise BadInput("--combine", f"'{combine}' is not one of {', '.join(COMBINES)}")
+    check_choice(combine, COMBINES, "--combine")
     out_name = output_name or {"softmax-mean": "probabilities", "vote": "votes"}.get(
         combine, members[0].proto.graph.output[0].name)
     inputs, out0, protos, notes = prepare(members, [out_name])

@@ -26,7 +26,7 @@ import onnx
 
 from . import __version__
 from .artifact import io_signature, load_model, read_sidecar
-from .errors import BadInput
+from .errors import BadInput, check_choice
 from .evaluate import agreement
 from .feeds import Dataset, cast_feeds, check_feeds, load_dataset, random_feeds
 from .progress import progress
@@ -58,8 +58,7 @@ class BenchSettings:
         if any(int(t) < 1 for t in self.threads):
             raise BadInput("--threads", "thread counts must be >= 1")
         for p in self.providers:
-            if p not in ("auto", "cpu", "cuda"):
-                raise BadInput("--provider", f"'{p}' is not one of auto, cpu, cuda")
+            check_choice(p, ("auto", "cpu", "cuda"), "--provider")
         if self.duration <= 0:
             raise BadInput("--duration", "must be > 0 seconds")
         if self.warmup < 0 or self.min_rounds < 1:

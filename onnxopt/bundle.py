@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 
 from .artifact import atomic_write_bytes, io_signature, load_model, model_bytes, read_sidecar, sha256_bytes
-from .errors import BadInput, MissingDependency, VerificationFailed
+from .errors import BadInput, MissingDependency, VerificationFailed, check_choice
 
 __all__ = ["pack", "verify_bundle", "load", "Bundle", "PREPROCESS", "MAX_MEMBERS", "MAX_MEMBER_BYTES",
            "MAX_TOTAL_BYTES"]
@@ -121,8 +121,7 @@ def pack(
     if output.is_dir():
         raise BadInput(str(output), "is a folder", "name the archive file to write, like model.tar.gz")
     kind = "none" if preprocess is None else str(preprocess)
-    if kind not in PREPROCESS:
-        raise BadInput("--preprocess", f"'{kind}' is not one of {', '.join(PREPROCESS)}")
+    check_choice(kind, PREPROCESS, "--preprocess")
     for v, opt in ((rtol, "rtol"), (atol, "atol")):
         if v is not None and not (float(v) >= 0):
             raise BadInput(f"--{opt}", "must be >= 0")
@@ -1155,8 +1154,7 @@ def load(
 
     if prefer not in ("onnx", "ort"):
         raise BadInput("prefer", f"'{prefer}' is not onnx or ort")
-    if provider not in PROVIDERS:
-        raise BadInput("provider", f"'{provider}' is not one of {', '.join(PROVIDERS)}")
+    check_choice(provider, PROVIDERS, "provider")
     path = Path(path)
     if extract_to is None or path.is_dir():
         with _materialized(path) as root:

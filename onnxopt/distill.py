@@ -50,7 +50,7 @@ import onnx
 
 from . import __version__
 from .artifact import atomic_write_bytes, load_model, model_bytes, read_sidecar, save_model
-from .errors import BadInput
+from .errors import BadInput, check_choice
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
 from .head import cache_root, check_labels, labelled_data
 from .runtime import make_session, ort, run
@@ -382,8 +382,7 @@ def distill(
                        "pass it as module:function")
     if on_epoch_end is not None and int(nproc) > 1:
         raise BadInput("on_epoch_end", "is called in this process only; it cannot run with nproc > 1")
-    if device not in ("auto", "cpu", "cuda"):
-        raise BadInput("--device", f"'{device}' is not one of auto, cpu, cuda")
+    check_choice(device, ("auto", "cpu", "cuda"), "--device")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise BadInput("--device", "cuda was asked for, but torch sees no GPU")

@@ -41,7 +41,7 @@ from . import __version__
 from ._ensemble_graph import (COMBINES, Member, build_cascade, build_parallel, cascade_numpy, check_same_architecture,
                               combine_numpy, confidence, softmax, soup as soup_model)
 from .artifact import lineage, load_model, read_sidecar, save_model, sha256_bytes, model_bytes
-from .errors import BadInput, VerificationFailed
+from .errors import BadInput, VerificationFailed, check_choice
 from .evaluate import agreement
 from .feeds import Dataset, cast_feeds, check_feeds, load_dataset, random_feeds
 from .jobs import eval_data, sidecar_dataset, verify_variant
@@ -321,12 +321,9 @@ def ensemble(
     models. Raises BadInput for unusable inputs and VerificationFailed (nothing written) when the
     fused graph does not compute what the separate models do.
     """
-    if method not in METHODS:
-        raise BadInput("--method", f"'{method}' is not one of {', '.join(METHODS)}")
-    if combine not in COMBINES:
-        raise BadInput("--combine", f"'{combine}' is not one of {', '.join(COMBINES)}")
-    if soup not in SOUPS:
-        raise BadInput("--soup", f"'{soup}' is not one of {', '.join(SOUPS)}")
+    check_choice(method, METHODS, "--method")
+    check_choice(combine, COMBINES, "--combine")
+    check_choice(soup, SOUPS, "--soup")
     paths = [str(m) for m in models]
     if not paths:
         raise BadInput("ensemble", "no models given")

@@ -17,6 +17,7 @@ __all__ = [
     "MissingDependency",
     "VerificationFailed",
     "GateFailed",
+    "check_choice",
 ]
 
 
@@ -66,3 +67,9 @@ class GateFailed(OnnxoptError):
     """An accuracy or speed gate did not hold."""
 
     exit_code = 3
+
+
+def check_choice(value, allowed, flag: str, hint: str | None = None) -> None:
+    """Raise :class:`BadInput` naming ``flag`` when ``value`` is not one of ``allowed``."""
+    if value not in allowed:
+        raise BadInput(flag, f"'{value}' is not one of {', '.join(allowed)}", hint)

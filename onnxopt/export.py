@@ -26,7 +26,7 @@ import onnx
 
 from . import __version__
 from .artifact import check_model, save_model
-from .errors import BadInput, VerificationFailed
+from .errors import BadInput, VerificationFailed, check_choice
 from .evaluate import agreement
 from .progress import progress
 from .runtime import make_session, run
@@ -230,8 +230,7 @@ def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", 
                 steps_before: list[dict] | None = None) -> dict:
     """Export ``spec`` to ``output``, verify it, write it with its sidecar. Returns the sidecar.
     ``steps_before``: lineage steps done to the torch model before export (e.g. pruning)."""
-    if exporter not in EXPORTERS:
-        raise BadInput("--exporter", f"'{exporter}' is not one of {', '.join(EXPORTERS)}")
+    check_choice(exporter, EXPORTERS, "--exporter")
     chosen = spec.exporter if exporter == "auto" else exporter
     opset = int(opset or spec.default_opset)
     if not 11 <= opset <= 23:

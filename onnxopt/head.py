@@ -44,7 +44,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .artifact import atomic_write_bytes, lineage, load_model, model_bytes, save_model
-from .errors import BadInput, VerificationFailed
+from .errors import BadInput, VerificationFailed, check_choice
 from .evaluate import agreement
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
 from .passes.head import LABELS_KEY, GraftHead, cut_candidates, find_head, find_value, head_forward
@@ -548,10 +548,8 @@ def _with_softmax(torch, net):
 
 
 def _check_options(kind, hidden, class_weights, epochs, patience, lr, weight_decay, finetune_last):
-    if kind not in HEADS:
-        raise BadInput("--head", f"'{kind}' is not one of {', '.join(HEADS)}")
-    if class_weights not in CLASS_WEIGHTS:
-        raise BadInput("--class-weights", f"'{class_weights}' is not one of {', '.join(CLASS_WEIGHTS)}")
+    check_choice(kind, HEADS, "--head")
+    check_choice(class_weights, CLASS_WEIGHTS, "--class-weights")
     if int(hidden) < 1:
         raise BadInput("--hidden", "must be >= 1")
     if int(epochs) < 1:

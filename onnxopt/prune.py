@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from . import __version__
 from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model
-from .errors import BadInput
+from .errors import BadInput, check_choice
 from .feeds import Dataset
 from .passes.prune import IMPORTANCES, MASK_METHODS, SCOPES, PruneChannels, PruneMasks, count_params
 from .passes.quantize import refuse_quantized
@@ -132,12 +132,9 @@ def prune_onnx(
     Returns the output's sidecar dict (``prune`` has the summary, ``steps[-1]["passes"][0]
     ["stats"]`` the per-layer table, ``verification`` the agreement and accuracy).
     """
-    if method not in METHODS:
-        raise BadInput("--method", f"'{method}' is not one of {', '.join(METHODS)}")
-    if importance not in IMPORTANCES:
-        raise BadInput("--importance", f"'{importance}' is not one of {', '.join(IMPORTANCES)}")
-    if scope not in SCOPES:
-        raise BadInput("--scope", f"'{scope}' is not one of {', '.join(SCOPES)}")
+    check_choice(method, METHODS, "--method")
+    check_choice(importance, IMPORTANCES, "--importance")
+    check_choice(scope, SCOPES, "--scope")
     gate_spec = parse_max_drop(max_drop)
     if int(calibration_samples) < 1:
         raise BadInput("--calibration-samples", "must be >= 1")

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from . import __version__
 from .artifact import lineage, load_model, read_sidecar, save_model
 from .bench import speed_ratio
-from .errors import BadInput, GateFailed, VerificationFailed
+from .errors import BadInput, GateFailed, VerificationFailed, check_choice
 from .evaluate import predict
 from .feeds import Dataset, random_feeds
 from .jobs import (VERIFY_SAMPLES, accuracy_gate, allowed_drop, calibration_data, eval_data, head,
@@ -156,15 +156,12 @@ def quantize(
     step; ``quantize`` says what ran and why; ``verification`` holds agreement and accuracy;
     ``fallback`` the ranking, the trail and the nodes kept in float).
     """
-    if mode not in MODES:
-        raise BadInput("--mode", f"'{mode}' is not one of {', '.join(MODES)}")
-    if target not in TARGETS:
-        raise BadInput("--target", f"'{target}' is not one of {', '.join(TARGETS)}")
+    check_choice(mode, MODES, "--mode")
+    check_choice(target, TARGETS, "--target")
     for value, allowed, flag in ((method, METHODS, "--method"), (format, FORMATS, "--format"),
                                  (activation_type, QTYPES, "--activation-type"),
                                  (weight_type, QTYPES, "--weight-type")):
-        if value not in allowed:
-            raise BadInput(flag, f"'{value}' is not one of {', '.join(allowed)}")
+        check_choice(value, allowed, flag)
     gate_spec = parse_max_drop(max_drop)
     if max_float_nodes is not None and max_float_nodes < 1:
         raise BadInput("--max-float-nodes", "must be >= 1")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInput, MissingDependency
+from ..errors import BadInput, MissingDependency, check_choice
 
 __all__ = ["load_image_folder", "PREPROCESS", "IMAGE_SUFFIXES"]
 
@@ -53,8 +53,7 @@ def load_image_folder(root: str | Path, shape: tuple, *, preprocess: str = "imag
                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """(images [N, C, H, W] float32, labels or None, class names). ``shape`` is the model
     input's shape (C, H, W must be fixed; C is 1 or 3)."""
-    if preprocess not in PREPROCESS:
-        raise BadInput("--preprocess", f"'{preprocess}' is not one of {', '.join(PREPROCESS)}")
+    check_choice(preprocess, PREPROCESS, "--preprocess")
     root = Path(root)
     if len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]) or shape[1] not in (1, 3):
         raise BadInput(str(root), f"an image folder needs a model input of shape [N, 1|3, H, W] with fixed "

@@ -40,7 +40,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (TopologicalSortPass, ShapeInferencePass)
 
-from ..errors import BadInput, VerificationFailed
+from ..errors import BadInput, VerificationFailed, check_choice
 from ..feeds import Dataset, cast_feeds, check_feeds
 from ._common import PassResult, op_counts
 from ._ort import to_proto
@@ -199,10 +199,8 @@ class PruneMasks(ir.passes.FunctionalPass):
     op_types: tuple[str, ...] = PRUNABLE_OPS
 
     def __post_init__(self):
-        if self.method not in MASK_METHODS:
-            raise BadInput("--method", f"'{self.method}' is not one of {', '.join(MASK_METHODS)}")
-        if self.scope not in SCOPES:
-            raise BadInput("--scope", f"'{self.scope}' is not one of {', '.join(SCOPES)}")
+        check_choice(self.method, MASK_METHODS, "--method")
+        check_choice(self.scope, SCOPES, "--scope")
         if self.threshold is None:
             object.__setattr__(self, "amount", _check_amount(self.amount))
         else:
@@ -509,8 +507,7 @@ class PruneChannels(ir.passes.FunctionalPass):
 
     def __post_init__(self):
         object.__setattr__(self, "amount", _check_amount(self.amount))
-        if self.importance not in IMPORTANCES:
-            raise BadInput("--importance", f"'{self.importance}' is not one of {', '.join(IMPORTANCES)}")
+        check_choice(self.importance, IMPORTANCES, "--importance")
         _check_int(self.round_to, "--round-to")
         _check_int(self.calibration_samples, "--calibration-samples")
         if self.ridge is not None and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..errors import BadInput
+from ..errors import BadInput, check_choice
 from ..feeds import cast_feeds, check_feeds
 from ._common import PassResult, looks_like_transformer, op_counts, quantized_ops
 from ._ort import to_proto, via_ort
@@ -82,11 +82,6 @@ def refuse_quantized(model: ir.Model, where: str) -> None:
     if found:
         ops = ", ".join(f"{k} x{v}" for k, v in found.items())
         raise BadInput(where, f"is already quantized ({ops})", "quantize the float model it was made from")
-
-
-def _check_choice(value: str, allowed: tuple[str, ...], flag: str) -> None:
-    if value not in allowed:
-        raise BadInput(flag, f"'{value}' is not one of {', '.join(allowed)}")
 
 
 class CalibrationFeeds:
@@ -248,10 +243,10 @@ class QuantizeStatic(ir.passes.FunctionalPass):
     op_types: tuple[str, ...] = ()
 
     def __post_init__(self):
-        _check_choice(self.method, METHODS, "--method")
-        _check_choice(self.format, FORMATS, "--format")
-        _check_choice(self.activation_type, QTYPES, "--activation-type")
-        _check_choice(self.weight_type, QTYPES, "--weight-type")
+        check_choice(self.method, METHODS, "--method")
+        check_choice(self.format, FORMATS, "--format")
+        check_choice(self.activation_type, QTYPES, "--activation-type")
+        check_choice(self.weight_type, QTYPES, "--weight-type")
         if self.calibration is None:
             raise BadInput("--data", "static quantization needs calibration data",
                            "pass a dataset (e.g. --data digits or an .npz file)")
@@ -340,7 +335,7 @@ class QuantizeDynamic(ir.passes.FunctionalPass):
     reduce_range: bool = False
 
     def __post_init__(self):
-        _check_choice(self.weight_type, QTYPES, "--weight-type")
+        check_choice(self.weight_type, QTYPES, "--weight-type")
         object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
         if not self.op_types:
@@ -416,7 +411,7 @@ def choose_mode(model: ir.Model, target: str = "cpu") -> tuple[str, str]:
     """(mode, why) for ``mode="auto"``: static QDQ U8S8 per-channel for CNNs on CPU, fusions +
     dynamic per-channel INT8 for transformers on CPU, fp16 on CUDA. Never a mode measured slower
     than fp32 on the target: dynamic quantization is not chosen for convolutional models."""
-    _check_choice(target, TARGETS, "--target")
+    check_choice(target, TARGETS, "--target")
     if target == "cuda":
         return "fp16", "target cuda: fp16 with float32 IO (INT8 on CUDA needs TensorRT; fp16 uses tensor cores)"
     is_tf, why = looks_like_transformer(model)

@@ -25,7 +25,7 @@ import onnx
 
 import onnx_ir as ir
 
-from ..errors import BadInput
+from ..errors import BadInput, check_choice
 from ._common import PassResult, looks_like_transformer, op_counts
 from ._ort import via_ort
 
@@ -195,12 +195,10 @@ class Simplify(ir.passes.FunctionalPass):
     skip_layer_norm: bool = True
 
     def __post_init__(self):
-        if self.level not in LEVELS:
-            hint = "the hardware-specific 'all' level is not offered for files meant to ship" \
-                if self.level in ("all", "layout") else None
-            raise BadInput("--level", f"'{self.level}' is not one of {', '.join(LEVELS)}", hint)
-        if self.transformer not in TRANSFORMER_MODES:
-            raise BadInput("--transformer", f"'{self.transformer}' is not one of {', '.join(TRANSFORMER_MODES)}")
+        check_choice(self.level, LEVELS, "--level",
+                     "the hardware-specific 'all' level is not offered for files meant to ship"
+                     if self.level in ("all", "layout") else None)
+        check_choice(self.transformer, TRANSFORMER_MODES, "--transformer")
         if self.num_heads < 0 or self.hidden_size < 0:
             raise BadInput("--num-heads", "num_heads and hidden_size must be >= 0 (0 = detect)")
         if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:
