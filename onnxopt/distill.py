@@ -104,22 +104,9 @@ def build_student(student: str, width: float, num_classes: int, seed: int):
     torch.manual_seed(seed)
     if student in STUDENTS:
         return STUDENTS[student](width=width, num_classes=num_classes)
-    import importlib
+    from .sources import call_factory
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    mod_name, fn_name = student.split(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except Exception as e:
-        raise BadInput(student, f"cannot import the student factory ({type(e).__name__}: {e})") from None
-    try:
-        net = fn()
-    except Exception as e:
-        raise BadInput(student, f"the student factory raised {type(e).__name__}: {e}") from None
-    if not isinstance(net, torch.nn.Module):
-        raise BadInput(student, f"the factory returned {type(net).__name__}, not a torch.nn.Module")
-    return net
+    return call_factory(torch, student, "student factory")
 
 
 # ---------------------------------------------------------------------------------------------

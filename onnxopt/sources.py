@@ -56,6 +56,28 @@ def parse_shape(text: str, where: str = "--input-shape") -> tuple[int, ...]:
     return dims
 
 
+def call_factory(torch, ref: str, what: str = "factory"):
+    """Import ``module:function`` (the working folder on the path), call it and check that it
+    returned a ``torch.nn.Module``; every failure is a one-line :class:`BadInput` naming ``ref``."""
+    mod_name, fn_name = ref.split(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:
+        raise BadInput(ref, f"cannot import module '{mod_name}' ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise BadInput(ref, f"module '{mod_name}' has no callable '{fn_name}'")
+    try:
+        net = fn()
+    except Exception as e:
+        raise BadInput(ref, f"the {what} raised {type(e).__name__}: {e}") from None
+    if not isinstance(net, torch.nn.Module):
+        raise BadInput(ref, f"the {what} returned {type(net).__name__}, not a torch.nn.Module")
+    return net
+
+
 def resolve(
     model: str,
     *,
@@ -86,26 +108,11 @@ def _factory_spec(ref, input_shape, dtype, weights, task, dynamic_batch) -> Mode
         raise BadInput("--dtype", f"'{dtype}' is not a dtype") from None
     if weights is not None and not Path(weights).is_file():
         raise BadInput(str(weights), "no such weights file")
-    mod_name, fn_name = ref.split(":")
     sym_shape = (("batch",) + shape[1:]) if dynamic_batch else shape
 
     def build():
         torch = require_torch(ref)
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        try:
-            mod = importlib.import_module(mod_name)
-        except Exception as e:
-            raise BadInput(ref, f"cannot import module '{mod_name}' ({type(e).__name__}: {e})") from None
-        fn = getattr(mod, fn_name, None)
-        if not callable(fn):
-            raise BadInput(ref, f"module '{mod_name}' has no callable '{fn_name}'")
-        try:
-            net = fn()
-        except Exception as e:
-            raise BadInput(ref, f"the factory raised {type(e).__name__}: {e}") from None
-        if not isinstance(net, torch.nn.Module):
-            raise BadInput(ref, f"the factory returned {type(net).__name__}, not a torch.nn.Module")
+        net = call_factory(torch, ref)
         if weights is not None:
             _load_weights(torch, net, weights)
         return net.eval()
