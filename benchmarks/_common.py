@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def without_temp_paths(obj, tmp: str):
@@ -36,3 +37,14 @@ def ratio_range(row: dict) -> str:
     """'2.41-2.52x over 3 runs' for a row of :func:`repeated_bench` (empty for one run)."""
     runs = row.get("speedup_runs") or []
     return f"{min(runs):.2f}-{max(runs):.2f}x over {len(runs)} runs" if len(runs) > 1 else ""
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(name: str, results: dict, markdown: str) -> None:
+    """Write ``results/<name>.json`` (sorted keys, stable for diffs) and ``results/<name>.md``,
+    and print the markdown."""
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown)
+    print(markdown.rstrip("\n"))

@@ -20,7 +20,6 @@ Writes benchmarks/results/distill.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import onnxopt  # noqa: E402
 from onnxopt.bench import BenchSettings, bench  # noqa: E402
 from onnxopt.distill import distill  # noqa: E402
 
-from _common import without_temp_paths  # noqa: E402
+from _common import write_results, without_temp_paths  # noqa: E402
 
 EPOCHS = 20
 W = 0.4  # the default student: 16/24 channels
@@ -192,10 +191,7 @@ def write(results: dict) -> None:
     for row in results["bench"]["rows"]:
         lines.append(f"| {row['model']} | {row['batch']} | {row['p50_ms']:.4f} | {row['speedup']:.2f}x | "
                      f"{row.get('accuracy', float('nan')):.4f} | {row['size_bytes'] / 1024:.1f} |")
-    out = ROOT / "benchmarks" / "results"
-    (out / "distill.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-    (out / "distill.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("distill", results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

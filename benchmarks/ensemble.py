@@ -45,7 +45,7 @@ from onnxopt.feeds import Dataset, load_dataset  # noqa: E402
 from onnxopt.prune import prune  # noqa: E402
 from onnxopt.quantize import quantize  # noqa: E402
 
-from _common import without_temp_paths  # noqa: E402
+from _common import write_results, without_temp_paths  # noqa: E402
 
 FT_EPOCHS, FT_LR, FT_SEEDS = 5, 1e-3, (11, 12, 13)
 COMBOS = [("mean", None), ("softmax-mean", None), ("vote", None), ("softmax-mean", "fit"), ("weighted", "fit")]
@@ -185,11 +185,7 @@ def main() -> None:
                                          "start": "holdout seed 0", "data": "train split minus validation"}}
         results["seconds"] = round(time.perf_counter() - t_start, 1)
         results = without_temp_paths(results, tmp)
-    out = ROOT / "benchmarks" / "results"
-    (out / "ensemble.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-    text = render(results)
-    (out / "ensemble.md").write_text(text)
-    print(text)
+    write_results("ensemble", results, render(results))
 
 
 def _pct(v) -> str:

@@ -20,7 +20,6 @@ Writes benchmarks/results/head.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -39,7 +38,7 @@ from onnxopt.head import (_class_map, _map_test, deterministic_torch, few_shot, 
                           head, labelled_data, select_classes)
 from onnxopt.sources import resolve  # noqa: E402
 
-from _common import without_temp_paths  # noqa: E402
+from _common import write_results, without_temp_paths  # noqa: E402
 
 CLASSES = (5, 6, 7, 8, 9)
 
@@ -236,10 +235,7 @@ def write(results: dict) -> None:
             g = "-" if r["graft_max_abs_err"] is None else f"{r['graft_max_abs_err']:.1e}"
             lines.append(f"| {r['head']} | {v} | {r['test_acc']:.4f} | {g} | {r['seconds'] or '-'} |")
         lines.append("")
-    out = ROOT / "benchmarks" / "results"
-    (out / "head.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-    (out / "head.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("head", results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

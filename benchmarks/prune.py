@@ -34,7 +34,7 @@ from onnxopt.feeds import Dataset, load_dataset  # noqa: E402
 from onnxopt.prune import prune  # noqa: E402
 from onnxopt.quantize import quantize  # noqa: E402
 
-from _common import without_temp_paths  # noqa: E402
+from _common import write_results, without_temp_paths  # noqa: E402
 
 
 def _acc(path: Path) -> float:
@@ -143,10 +143,7 @@ def main() -> None:
             lines.append(f"\nresnet18: {res['groups']} coupled channel groups, params {res['params_ratio']:.3f}x, "
                          f"pruning took {res['prune_seconds']} s.")
         lines.append("")
-    out = ROOT / "benchmarks" / "results"
-    (out / "prune.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-    (out / "prune.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("prune", results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

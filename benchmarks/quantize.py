@@ -30,7 +30,7 @@ from onnxopt.evaluate import predict  # noqa: E402
 from onnxopt.feeds import Dataset  # noqa: E402
 from onnxopt.quantize import quantize  # noqa: E402
 
-from _common import ratio_range, repeated_bench, without_temp_paths
+from _common import write_results, ratio_range, repeated_bench, without_temp_paths
 
 REPEAT = 1  # set by --repeat
 
@@ -157,11 +157,7 @@ def main() -> None:
         lines += ["", f"{key}: `{json.dumps(extra, sort_keys=True)}`", ""]
         lines += ["| model | batch | p50 ms | speed-up vs first row | runs | notes |", "|---|---|---|---|---|---|"] \
             if key != list(results)[-1] else []
-    out = ROOT / "benchmarks" / "results"
-    (out / "quantize.json").write_text(json.dumps(without_temp_paths(results, tmp), indent=2, sort_keys=True,
-                                                     default=str) + "\n")
-    (out / "quantize.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("quantize", without_temp_paths(results, tmp), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from onnxopt.bench import BenchSettings  # noqa: E402
 from onnxopt.optimize import optimize  # noqa: E402
 
-from _common import without_temp_paths  # noqa: E402
+from _common import write_results, without_temp_paths  # noqa: E402
 
 
 def run(name: str, work: Path) -> dict:
@@ -88,9 +88,7 @@ def main() -> None:
             rep = results[name]
             md = search_markdown(rep).replace("# onnxopt search report", f"## {name}")
             lines += [md, f"Equivalent CLI: `{rep['command']}`; whole search {rep['search_seconds']} s.", ""]
-    (out / "search.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
-    (out / "search.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("search", results, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
