@@ -393,11 +393,20 @@ def _other_tracked(ctx: _Ctx, node: ir.Node, skip: int = 0) -> list[Layout]:
     return [ctx.layout(v) for i, v in enumerate(node.inputs) if i != skip and ctx.layout(v) is not None]
 
 
-def _h_unary(ctx: _Ctx, node: ir.Node) -> None:
+def _sole_tracked_input(ctx: _Ctx, node: ir.Node) -> Layout | None:
+    """The channel layout of input 0 when no other input carries tracked channels; otherwise the
+    channels involved are blocked (the node reads them as a parameter) and None is returned."""
     lay = ctx.layout(node.inputs[0])
     others = _other_tracked(ctx, node)
     if lay is None or others:
         ctx.block([lay, *others], f"{node.op_type} node '{_name(node)}' reads channels as a parameter")
+        return None
+    return lay
+
+
+def _h_unary(ctx: _Ctx, node: ir.Node) -> None:
+    lay = _sole_tracked_input(ctx, node)
+    if lay is None:
         return
     _passthrough(ctx, node, lay)
 
@@ -458,10 +467,8 @@ def _h_norm(ctx: _Ctx, node: ir.Node) -> None:
 
 
 def _normalized_axes_op(ctx: _Ctx, node: ir.Node) -> None:
-    lay = ctx.layout(node.inputs[0])
-    others = _other_tracked(ctx, node)
-    if lay is None or others:
-        ctx.block([lay, *others], f"{node.op_type} node '{_name(node)}' reads channels as a parameter")
+    lay = _sole_tracked_input(ctx, node)
+    if lay is None:
         return
     if node.op_type == "LayerNormalization":
         axis = _attr_int(node, "axis", -1) % lay.rank
