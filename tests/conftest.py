@@ -80,3 +80,14 @@ def mlp2_path(tmp_path) -> Path:
     p = tmp_path / "mlp_wide.onnx"
     onnx.save(make_mlp(0, hidden=64), p)
     return p
+
+
+@pytest.fixture(scope="session")
+def digits_onnx(tmp_path_factory) -> Path:
+    """digits-cnn exported once (with its sidecar) for the jobs that take it as a read-only input."""
+    pytest.importorskip("torch")
+    import onnxopt
+
+    p = tmp_path_factory.mktemp("digits") / "digits.onnx"
+    onnxopt.export("digits-cnn", p)
+    return p

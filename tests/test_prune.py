@@ -726,14 +726,10 @@ def test_prune_job_channels_npz(tmp_path):
     assert {r["node"] for r in layers} == {"conv1", "conv2", "conv3", "fc"}
 
 
-def test_digits_cnn_50_percent_channels(tmp_path):
-    import onnxopt
+def test_digits_cnn_50_percent_channels(tmp_path, digits_onnx):
     from onnxopt.prune import prune as prune_job
 
-    pytest.importorskip("torch")
-    src = tmp_path / "digits.onnx"
-    onnxopt.export("digits-cnn", src)
-    side = prune_job(src, tmp_path / "digits.pruned.onnx", data="digits", amount=0.5)
+    side = prune_job(digits_onnx, tmp_path / "digits.pruned.onnx", data="digits", amount=0.5)
     acc = side["verification"]["accuracy"]
     assert acc["pruned"] >= 0.965 and acc["samples"] >= 256
     assert side["prune"]["params_ratio"] <= 0.3

@@ -350,14 +350,10 @@ def test_quantize_auto_on_an_already_fused_transformer(tmp_path):
     assert side["verification"]["cases"][1]["cosine_min"] > 0.98
 
 
-def test_digits_end_to_end(tmp_path):
-    import onnxopt
+def test_digits_end_to_end(tmp_path, digits_onnx):
     from onnxopt.quantize import quantize
 
-    pytest.importorskip("torch")
-    src = tmp_path / "digits.onnx"
-    onnxopt.export("digits-cnn", src)
-    side = quantize(src, tmp_path / "digits.int8.onnx", data="digits", max_drop=0.5)
+    side = quantize(digits_onnx, tmp_path / "digits.int8.onnx", data="digits", max_drop=0.5)
     acc = side["verification"]["accuracy"]
     assert acc["drop_points"] <= 0.5 and acc["quantized"] > 0.95
     assert side["steps"][0]["step"] == "export" and side["steps"][-1]["step"] == "quantize"
