@@ -6,7 +6,7 @@ CLI (``onnxopt ...``) calls these same functions.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 # The API functions share their modules' names (onnxopt.export is the function; the module is
 # reachable as `from onnxopt.export import ...`). Binding them eagerly keeps the function from

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import BadInput, check_choice
+from .errors import BadInput, check_choice, first_line
 
 __all__ = ["COMBINES", "MIN_OPSET", "Member", "prepare", "build_parallel", "build_cascade", "soup",
            "check_same_architecture", "combine_numpy", "cascade_numpy", "softmax", "confidence"]
@@ -198,7 +198,7 @@ def reconcile(members: list[Member], minimum: int = MIN_OPSET) -> tuple[int, lis
             try:
                 converted = onnx.version_converter.convert_version(m.proto, target)
             except Exception as e:
-                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                msg = first_line(e, 200)
                 raise BadInput(m.where, f"cannot convert it from opset {have} to {target} "
                                f"(onnx.version_converter: {msg})",
                                f"re-export it at opset {target}, or the other models at {have}") from None
@@ -272,7 +272,7 @@ def prepare(members: list[Member], output_names: list[str]) -> tuple[list[onnx.V
 
 
 def _model(graph: onnx.GraphProto, protos: list[onnx.ModelProto], notes: dict, extra_opsets=()) -> onnx.ModelProto:
-    from . import __version__
+    from ._version import __version__
 
     opsets = [helper.make_opsetid(d if d != "ai.onnx" else "", v) for d, v in notes["opset_imports"]]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="onnxopt", producer_version=__version__)

@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from .errors import BadInput
+from .errors import BadInput, first_line
 
 __all__ = [
     "load_model",
@@ -122,7 +122,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
             onnx.load_external_data_for_model(model, str(p.parent))
     except Exception as e:
-        raise BadInput(str(p), f"cannot load its external data ({_first_line(e)})") from None
+        raise BadInput(str(p), f"cannot load its external data ({first_line(e)})") from None
     if check:
         check_model(model, str(p))
     return model
@@ -134,17 +134,9 @@ def check_model(model: onnx.ModelProto, where: str) -> None:
         if model.ByteSize() < _PROTO_LIMIT:
             onnx.checker.check_model(model)
     except Exception as e:
-        raise BadInput(where, f"onnx.checker rejects the model: {_first_line(e)}",
+        raise BadInput(where, f"onnx.checker rejects the model: {first_line(e)}",
                        "is the file truncated or corrupt?") from None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("==>"):
-            return line[:300]
-    return text.splitlines()[0][:300]
 
 
 def io_signature(model: onnx.ModelProto) -> dict:

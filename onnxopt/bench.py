@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from .artifact import io_signature, load_model, read_sidecar
-from .errors import BadInput, check_choice
-from .evaluate import agreement
+from .errors import BadInput, check_choice, first_line
+from .evaluate import agreement, top1
 from .feeds import Dataset, cast_feeds, check_feeds, load_dataset, random_feeds
 from .progress import progress
 from .runtime import available_providers, make_session, ort, run
@@ -309,7 +309,7 @@ def bench(
                         outs[v.name] = v.run_once(feeds)
                     except Exception as e:
                         raise BadInput(v.path or v.name, f"fails on the benchmark inputs: "
-                                       f"{str(e).strip().splitlines()[0][:300]}") from None
+                                       f"{first_line(e)}") from None
                 lat = _time_interleaved(runnable, feeds, settings,
                                         f"{provider} t{threads} b{batch}")
                 ref_p50 = None
@@ -359,4 +359,4 @@ def _dataset_accuracy(v: _Variant, ref_model: onnx.ModelProto, dataset: Dataset)
     out = np.concatenate(outs)
     if dataset.labels is None or out.ndim != 2:
         return {}
-    return {"accuracy": float((out.argmax(1) == dataset.labels).mean())}
+    return {"accuracy": top1(out, dataset.labels)}

@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 
 from .artifact import atomic_write_bytes, io_signature, load_model, model_bytes, read_sidecar, sha256_bytes
-from .errors import BadInput, MissingDependency, VerificationFailed, check_choice
+from .errors import BadInput, MissingDependency, VerificationFailed, check_choice, first_line
 
 __all__ = ["pack", "verify_bundle", "load", "Bundle", "PREPROCESS", "MAX_MEMBERS", "MAX_MEMBER_BYTES",
            "MAX_TOTAL_BYTES"]
@@ -215,7 +215,7 @@ def pack(
 
     import onnxruntime
 
-    from . import __version__
+    from ._version import __version__
 
     manifest = {
         "format": FORMAT,
@@ -309,7 +309,7 @@ def _smoke_failures(sess, feeds: dict, outputs_meta: list[dict], expected: list)
     try:
         got = sess.run([o["name"] for o in outputs_meta], feeds)
     except Exception as e:  # an ORT failure on a model it loaded: report it, the caller decides
-        return [f"ONNX Runtime failed to run it: {_first_line(e)}"]
+        return [f"ONNX Runtime failed to run it: {first_line(e)}"]
     bad = []
     for o, e, g in zip(outputs_meta, expected, got):
         c = _compare(np.asarray(e), g, o["rtol"], o["atol"])
@@ -328,12 +328,8 @@ def _try_session(data: bytes):
     try:
         return rt.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        return f"ONNX Runtime cannot load it: {_first_line(e)}"
+        return f"ONNX Runtime cannot load it: {first_line(e)}"
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def _convert_to_ort(onnx_bytes: bytes) -> tuple[tuple[bytes, bytes | None, bytes] | None, dict]:
@@ -347,7 +343,7 @@ def _convert_to_ort(onnx_bytes: bytes) -> tuple[tuple[bytes, bytes | None, bytes
     try:
         conv = _ort_converter()
     except ImportError as e:
-        info.update(ok=False, reason=f"onnxruntime.tools is not importable ({_first_line(e)})")
+        info.update(ok=False, reason=f"onnxruntime.tools is not importable ({first_line(e)})")
         return None, info
     with tempfile.TemporaryDirectory(prefix="onnxopt-ort-") as tmp:
         src = Path(tmp) / MODEL_ONNX
@@ -367,7 +363,7 @@ def _convert_to_ort(onnx_bytes: bytes) -> tuple[tuple[bytes, bytes | None, bytes
             config = cfg_file.read_text()
         except Exception as e:  # the converter raises whatever ORT raised
             logger.debug("ORT conversion output:\n%s", log.getvalue())
-            info.update(ok=False, reason=f"onnxruntime's converter failed: {_first_line(e)}")
+            info.update(ok=False, reason=f"onnxruntime's converter failed: {first_line(e)}")
             return None, info
         finally:
             quiet.setLevel(old_level)
@@ -377,7 +373,7 @@ def _convert_to_ort(onnx_bytes: bytes) -> tuple[tuple[bytes, bytes | None, bytes
         canonical = _canonical_ort(ort_bytes)
     except Exception as e:  # an ORT-format layout this code does not know: keep ORT's bytes as they are
         canonical = None
-        info["not_reproducible_why"] = _first_line(e)
+        info["not_reproducible_why"] = first_line(e)
     return (ort_bytes, canonical, ("\n".join(lines) + "\n").encode("utf-8")), info
 
 
@@ -802,10 +798,10 @@ def _extract(archive: Path, target: Path) -> None:
                     with tf.extractfile(m) as src, open(dest, "wb") as out:
                         shutil.copyfileobj(src, out)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise BadInput(where, f"is not a readable .tar.gz bundle ({_first_line(e)})",
+        raise BadInput(where, f"is not a readable .tar.gz bundle ({first_line(e)})",
                        "is the file truncated or not a bundle?") from None
     except OSError as e:
-        raise BadInput(where, f"cannot unpack it ({e.strerror or _first_line(e)})") from None
+        raise BadInput(where, f"cannot unpack it ({e.strerror or first_line(e)})") from None
 
 
 @contextlib.contextmanager
@@ -934,7 +930,7 @@ def _verify_root(root: Path, where: str) -> tuple[dict, dict]:
                         got = sess.run(want, feeds)
                     except Exception as e:  # ORT raises its own types on a model it loaded but cannot run
                         got = None
-                        entry.update(status="failed", problem=f"ONNX Runtime failed to run it: {_first_line(e)}")
+                        entry.update(status="failed", problem=f"ONNX Runtime failed to run it: {first_line(e)}")
                 if "status" not in entry:
                     checks = []
                     for o, e, g in zip(smoke_meta["outputs"], expected, got):
@@ -959,8 +955,7 @@ def _raise_if_failed(report: dict) -> None:
     f = report["failures"]
     more = f" (and {len(f) - 3} more)" if len(f) > 3 else ""
     err = VerificationFailed(report["bundle"], "bundle verification failed: " + "; ".join(f[:3]) + more,
-                             "the bundle was changed or damaged after packing; re-pack it")
-    err.report = report
+                             "the bundle was changed or damaged after packing; re-pack it", report=report)
     raise err
 
 
@@ -1047,7 +1042,7 @@ class Bundle:
             else:
                 outs = self.session.run(None, feeds)
         except Exception as e:
-            raise BadInput(str(self.path), f"ONNX Runtime failed to run it on the given inputs: {_first_line(e)}") \
+            raise BadInput(str(self.path), f"ONNX Runtime failed to run it on the given inputs: {first_line(e)}") \
                 from None
         names = [o.name for o in self.session.get_outputs()]
         res: dict[str, Any] = {"outputs": dict(zip(names, outs))}

@@ -48,9 +48,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from .artifact import atomic_write_bytes, load_model, model_bytes, read_sidecar, save_model
-from .errors import BadInput, check_choice
+from .errors import BadInput, check_choice, first_line
+from .evaluate import top1, top1_agreement
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
 from .head import cache_root, check_labels, labelled_data
 from .runtime import make_session, ort, run
@@ -455,7 +456,7 @@ def distill(
             s_out = net.eval()(*(torch.as_tensor(np.ascontiguousarray(probe[n])) for n in input_names))
     except Exception as e:
         raise BadInput("--student", f"the student rejects the teacher's inputs: {type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]}") from None
+                       f"{first_line(e, 200)}") from None
     if not isinstance(s_out, torch.Tensor) or s_out.ndim != 2 or s_out.shape[1] != classes:
         shape = list(s_out.shape) if isinstance(s_out, torch.Tensor) else type(s_out).__name__
         raise BadInput("--student", f"outputs {shape} per batch, but the teacher scores {classes} classes",
@@ -557,9 +558,8 @@ def distill(
         sl = _predict(s_proto, test, input_names)
         tl = np.concatenate([t({n: f[n] for n in input_names})[0] for f, _ in test.batches(256)])
         summary.update(test_data=test.name, test_samples=len(test),
-                       teacher_acc=float((tl.argmax(1) == test.labels).mean()),
-                       student_acc=float((sl.argmax(1) == test.labels).mean()),
-                       agreement_top1=float((tl.argmax(1) == sl.argmax(1)).mean()))
+                       teacher_acc=top1(tl, test.labels), student_acc=top1(sl, test.labels),
+                       agreement_top1=top1_agreement(tl, sl))
         summary["drop_points"] = round(100 * (summary["teacher_acc"] - summary["student_acc"]), 4)
     meta = {k: v for k, v in side.items() if k not in ("model", "sha256", "bytes", "io", "opset", "export_seconds")}
     meta["distill"] = summary

@@ -37,12 +37,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from ._ensemble_graph import (COMBINES, Member, build_cascade, build_parallel, cascade_numpy, check_same_architecture,
                               combine_numpy, confidence, softmax, soup as soup_model)
 from .artifact import lineage, load_model, read_sidecar, save_model, sha256_bytes, model_bytes
-from .errors import BadInput, VerificationFailed, check_choice
-from .evaluate import agreement
+from .errors import BadInput, InternalError, VerificationFailed, check_choice, first_line
+from .evaluate import agreement, top1
 from .feeds import Dataset, cast_feeds, check_feeds, load_dataset, random_feeds
 from .jobs import eval_data, sidecar_dataset, verify_variant
 from .runtime import make_session, run
@@ -193,7 +193,7 @@ def _outputs(proto: onnx.ModelProto, feeds_by_ensemble: Mapping[str, np.ndarray]
 def _accuracy(out: np.ndarray, labels) -> float | None:
     if labels is None or out.ndim != 2:
         return None
-    return round(float((out.argmax(1) == labels).mean()), 6)
+    return round(top1(out, labels), 6)
 
 
 def _log_loss(prob: np.ndarray, labels) -> float:
@@ -364,12 +364,12 @@ def _case(ref: np.ndarray, out: np.ndarray, name: str, **extra) -> dict:
 
 def _fail(output, verification: dict, what: str):
     worst = next(c for c in verification["cases"] if not c["passed"])
-    err = VerificationFailed(str(output), f"the fused graph does not compute {what}: {worst['case']}: "
-                             + (f"max abs error {worst['max_abs_err']:.3g}" if worst.get("shape_ok")
-                                else f"shape {worst.get('shape')} vs {worst.get('ref_shape')}"),
-                             "this is a bug in onnxopt's graph building; please report it with the models")
-    err.report = verification
-    raise err
+    # The fused graph is onnxopt's own output: a mismatch is a bug (exit 1), not the user's models.
+    raise InternalError(str(output), f"the fused graph does not compute {what}: {worst['case']}: "
+                        + (f"max abs error {worst['max_abs_err']:.3g}" if worst.get("shape_ok")
+                           else f"shape {worst.get('shape')} vs {worst.get('ref_shape')}"),
+                        "this is a bug in onnxopt's graph building; please report it with the models",
+                        report=verification)
 
 
 def _same_shapes(outs: list[np.ndarray], members: list[Member], case: str) -> None:
@@ -706,7 +706,7 @@ def parallel_session(model, threads: int | None = None, inter_op: int = 2, where
     try:
         return rt.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise BadInput(where, f"ONNX Runtime cannot load the model: {str(e).strip().splitlines()[0][:300]}") from None
+        raise BadInput(where, f"ONNX Runtime cannot load the model: {first_line(e)}") from None
 
 
 def fused_vs_separate(fused: str | Path, models: Sequence[str | Path], *, batch: int = 1, threads: int | None = None,

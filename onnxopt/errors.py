@@ -4,9 +4,14 @@ This module does not import click, so API users can catch these errors. The CLI 
 ``<where>: <problem>[; <hint>]`` on one line and exits with ``exit_code``:
 
 * 2 -- bad input, usage or configuration (:class:`BadInput` and subclasses);
-* 3 -- a verification or a gate failed (:class:`VerificationFailed`, :class:`GateFailed`).
+* 3 -- a verification or a gate failed that a correct program can fail
+  (:class:`VerificationFailed`, :class:`GateFailed`);
+* 1 -- onnxopt itself got something wrong (:class:`InternalError`, e.g. ONNX Runtime cannot run a
+  file onnxopt wrote, or a pass broke its own invariant), or any other exception: the CLI shows
+  the full traceback.
 
-Anything else that escapes is a bug: the CLI shows the full traceback and exits 1.
+Every error carries what it has to show besides its line (a verification table, a search report)
+in its ``report`` field.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ __all__ = [
     "MissingDependency",
     "VerificationFailed",
     "GateFailed",
+    "InternalError",
     "check_choice",
+    "first_line",
 ]
 
 
@@ -26,10 +33,11 @@ class OnnxoptError(Exception):
 
     exit_code = 1
 
-    def __init__(self, where: str, problem: str, hint: str | None = None):
+    def __init__(self, where: str, problem: str, hint: str | None = None, *, report: dict | None = None):
         self.where = str(where)
         self.problem = problem
         self.hint = hint
+        self.report = report
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
@@ -67,6 +75,24 @@ class GateFailed(OnnxoptError):
     """An accuracy or speed gate did not hold."""
 
     exit_code = 3
+
+
+class InternalError(OnnxoptError):
+    """onnxopt's own code or output is wrong: ONNX Runtime fails on a model onnxopt produced, a
+    pass breaks an invariant it promised (``ensures``). A bug to report, never the user's fault:
+    exit 1, and the CLI shows the traceback."""
+
+    exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none), at
+    most ``limit`` characters: what a one-line error quotes from a library's multi-line message."""
+    for line in str(exc).strip().splitlines():
+        # protobuf's parse errors start with '==> context' lines that say nothing to a user
+        if line.strip() and not line.strip().startswith("==>"):
+            return line.strip()[:limit]
+    return type(exc).__name__
 
 
 def check_choice(value, allowed, flag: str, hint: str | None = None) -> None:

@@ -7,7 +7,18 @@ import numpy as np
 from .feeds import Dataset, cast_feeds, check_feeds
 from .runtime import make_session, run
 
-__all__ = ["agreement", "evaluate", "predict"]
+__all__ = ["agreement", "evaluate", "predict", "top1", "top1_agreement"]
+
+
+def top1(scores, labels) -> float:
+    """Top-1 accuracy of class scores ``[batch, classes]`` (numpy or torch) against integer labels."""
+    hits = scores.argmax(1) == labels
+    return float(hits.float().mean() if hasattr(hits, "float") else hits.mean()) if len(labels) else float("nan")
+
+
+def top1_agreement(ref, out) -> float:
+    """Fraction of rows where two ``[batch, classes]`` score arrays pick the same class."""
+    return top1(out, ref.argmax(1))
 
 
 def agreement(ref: np.ndarray, out: np.ndarray, classification: bool | None = None) -> dict:
@@ -31,7 +42,7 @@ def agreement(ref: np.ndarray, out: np.ndarray, classification: bool | None = No
     if classification is None:
         classification = ref.ndim == 2 and ref.shape[1] > 1
     if classification and ref.ndim == 2:
-        res["top1_agreement"] = float((ref.argmax(1) == out.argmax(1)).mean())
+        res["top1_agreement"] = top1_agreement(ref, out)
     return res
 
 
@@ -54,7 +65,7 @@ def evaluate(model, dataset: Dataset, reference=None, batch: int = 64, where: st
     out = predict(model, dataset, batch, where=where)
     res: dict = {"dataset": dataset.name, "samples": len(dataset)}
     if dataset.labels is not None and out.ndim == 2:
-        res["accuracy"] = float((out.argmax(1) == dataset.labels).mean())
+        res["accuracy"] = top1(out, dataset.labels)
     if reference is not None:
         ref = predict(reference, dataset, batch, where="reference")
         res["agreement"] = agreement(ref, out)

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import __version__
+from ._version import __version__
 from .artifact import check_model, save_model
-from .errors import BadInput, VerificationFailed, check_choice
+from .errors import BadInput, VerificationFailed, check_choice, first_line
 from .evaluate import agreement
 from .progress import progress
 from .runtime import make_session, run
@@ -245,14 +245,14 @@ def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", 
     except Exception as e:
         shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape))}" for k, v in probe.items())
         raise BadInput(spec.name, f"the model rejects inputs of shape {shapes}: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                       f"{type(e).__name__}: {first_line(e, 200)}",
                        "check --input-shape and --dtype") from None
     t0 = time.perf_counter()
     try:
         model = _export_proto(torch, net, spec, chosen, opset, dynamic)
     except Exception as e:
         raise BadInput(spec.name, f"the {chosen} exporter failed: {type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}",
+                       f"{first_line(e)}",
                        "try --exporter " + ("torchscript" if chosen == "dynamo" else "dynamo")) from None
     export_s = time.perf_counter() - t0
     actual = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
@@ -269,8 +269,7 @@ def export_spec(spec: ModelSpec, output: str | Path, *, exporter: str = "auto", 
             worst = next(c for c in verification["cases"] if not c["passed"])
             err = VerificationFailed(str(output), f"export does not match PyTorch: {worst['case']}: "
                                      + "; ".join(worst["reasons"]),
-                                     "try the other --exporter or another --opset")
-            err.report = verification
+                                     "try the other --exporter or another --opset", report=verification)
             raise err
     meta = {
         "source": {"kind": "builtin" if spec.builtin else "factory", "name": spec.name, **{

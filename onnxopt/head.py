@@ -42,10 +42,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import __version__
+from ._version import __version__
 from .artifact import atomic_write_bytes, lineage, load_model, model_bytes, save_model
-from .errors import BadInput, VerificationFailed, check_choice
-from .evaluate import agreement
+from .errors import BadInput, InternalError, check_choice
+from .evaluate import agreement, top1
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
 from .passes.head import LABELS_KEY, GraftHead, cut_candidates, find_head, find_value, head_forward
 from .progress import progress
@@ -348,7 +348,7 @@ class TrainedHead:
         return head_forward(features, self.weights, self.biases)
 
     def accuracy(self, features: np.ndarray, y: np.ndarray) -> float:
-        return float((self.logits(features).argmax(1) == y).mean()) if len(y) else float("nan")
+        return top1(self.logits(features), y)
 
 
 def train_head(x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray | None, *, classes: int,
@@ -507,7 +507,7 @@ def _train_epochs(torch, net, forward, yt, tr, va, loss_fn, opt, *, epochs: int,
         net.eval()
         with torch.no_grad():
             out = forward(va)
-            vloss, vacc = float(loss_fn(out, yt[va])), float((out.argmax(1) == yt[va]).float().mean())
+            vloss, vacc = float(loss_fn(out, yt[va])), top1(out, yt[va])
         if vloss < best[0] - 1e-6:
             best = (vloss, epoch, {k: v.clone() for k, v in net.state_dict().items()}, vacc)
             since = 0
@@ -776,12 +776,11 @@ def _head_onnx(model_path, output, *, data, test_data, cut, kind, hidden, classe
                     "atol": GRAFT_ATOL, "rtol": GRAFT_RTOL, **m, "batch1_shape": list(one.shape),
                     "passed": bool(passed)}
     if not passed:
-        err = VerificationFailed(str(output), f"the grafted model differs from features -> head: max abs error "
-                                 f"{m.get('max_abs_err', float('nan')):.3g} > {limit:.3g}",
-                                 "this is a bug in the graft; please report it")
-        err.report = verification
-        raise err
-    test_acc = float((got.argmax(1) == check_ds.labels).mean()) if test is not None else None
+        # The graft is onnxopt's own graph surgery: a mismatch is a bug (exit 1), not the user's input.
+        raise InternalError(str(output), f"the grafted model differs from features -> head: max abs error "
+                            f"{m.get('max_abs_err', float('nan')):.3g} > {limit:.3g}",
+                            "this is a bug in the graft; please report it", report=verification)
+    test_acc = top1(got, check_ds.labels) if test is not None else None
 
     summary = {
         "route": "features", "cut": chosen["name"], "cut_choice": choice,
@@ -903,7 +902,7 @@ def _head_torch(spec, output, *, data, test_data, kind, hidden, classes, per_cla
     if test is not None:
         sess = make_session(proto, "cpu", None, str(output))
         outs = [run(sess, cast_feeds(proto, f), str(output))[0] for f, _ in test.batches(FEATURE_BATCH)]
-        test_acc = float((np.concatenate(outs).argmax(1) == test.labels).mean())
+        test_acc = top1(np.concatenate(outs), test.labels)
     meta = {k2: v for k2, v in side.items() if k2 not in ("model", "sha256", "bytes", "io", "opset", "export_seconds")}
     meta["labels"] = names
     meta["head"] = {"route": "finetune", "cut": "input of the last Linear", "cut_choice": "torch",

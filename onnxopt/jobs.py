@@ -149,6 +149,5 @@ def raise_if_gate_failed(gate: dict | None, output, sidecar: dict, hint: str) ->
     if gate is None or gate["passed"]:
         return
     err = GateFailed(str(output), f"accuracy dropped {gate['drop_points']:.2f} points, more than --max-drop "
-                     f"{gate['max_drop']} ({gate['max_drop_points']:.2f} points)", hint)
-    err.report = sidecar
+                     f"{gate['max_drop']} ({gate['max_drop_points']:.2f} points)", hint, report=sidecar)
     raise err

@@ -22,7 +22,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from . import __version__
+from ._version import __version__
 from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model
 from .errors import BadInput, check_choice
 from .feeds import Dataset

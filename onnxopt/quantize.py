@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from . import __version__
+from ._version import __version__
 from .artifact import lineage, load_model, read_sidecar, save_model
 from .bench import speed_ratio
 from .errors import BadInput, GateFailed, VerificationFailed, check_choice
@@ -270,8 +270,8 @@ def quantize(
     raise_if_gate_failed(gate, output, sidecar, hint)
     if speed and not speed["passed"]:
         err = GateFailed(str(output), f"the quantized model is slower than the input ({speed['speedup']:.2f}x "
-                         "at batch 1)", "fewer nodes in float (--max-float-nodes) or a looser --max-drop")
-        err.report = sidecar
+                         "at batch 1)", "fewer nodes in float (--max-float-nodes) or a looser --max-drop",
+                         report=sidecar)
         raise err
     return sidecar
 

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from . import __version__
+from ._version import __version__
 from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model, write_json, write_text
 from .bench import BenchSettings, bench
 from .errors import BadInput, GateFailed
@@ -482,8 +482,7 @@ def _raise_if_none(report: dict, out) -> None:
             fails.append(f"{v['name']}: {', '.join(bad) or v.get('reason', v['status'])}")
         err = GateFailed(str(Path(out) / "report.json"), "no variant holds every gate (" + "; ".join(fails[:4])
                          + ("; ..." if len(fails) > 4 else "") + ")",
-                         "loosen the gates or widen the search")
-        err.report = report
+                         "loosen the gates or widen the search", report=report)
         raise err
 
 

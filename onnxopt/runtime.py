@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx
 
-from .errors import BadInput, MissingDependency
+from .errors import BadInput, MissingDependency, first_line
 
 __all__ = ["PROVIDERS", "available_providers", "make_session", "run"]
 
@@ -58,13 +58,11 @@ def make_session(model, provider: str = "cpu", threads: int | None = None, where
     try:
         return rt.InferenceSession(src, sess_options=opts, providers=providers)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(where, f"ONNX Runtime cannot load the model: {msg[:300]}") from None
+        raise BadInput(where, f"ONNX Runtime cannot load the model: {first_line(e)}") from None
 
 
 def run(session, feeds: dict[str, np.ndarray], where: str = "model") -> list[np.ndarray]:
     try:
         return session.run(None, feeds)
     except Exception as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(where, f"ONNX Runtime failed to run it on the given inputs: {msg[:300]}") from None
+        raise BadInput(where, f"ONNX Runtime failed to run it on the given inputs: {first_line(e)}") from None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInput, MissingDependency
+from .errors import BadInput, MissingDependency, first_line
 from .spec import InputSpec, ModelSpec
 
 __all__ = ["is_onnx_path", "is_factory", "resolve", "parse_shape", "require_torch", "last_linear"]
@@ -154,7 +154,7 @@ def _load_weights(torch, net, path: str) -> None:
         result = net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).split("\n\t")
-        detail = "; ".join(s.strip() for s in first[1:3]) or str(e).splitlines()[0]
+        detail = "; ".join(s.strip() for s in first[1:3]) or first_line(e)
         raise BadInput(path, f"weights do not match the model: {detail[:300]}") from None
     del result
 

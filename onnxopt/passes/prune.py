@@ -40,7 +40,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (TopologicalSortPass, ShapeInferencePass)
 
-from ..errors import BadInput, VerificationFailed, check_choice
+from ..errors import BadInput, VerificationFailed, check_choice, first_line
 from ..feeds import Dataset, cast_feeds, check_feeds
 from ._common import PassResult, op_counts
 from ._ort import to_proto
@@ -662,7 +662,7 @@ class PruneChannels(ir.passes.FunctionalPass):
         try:
             onnx.checker.check_model(proto)
         except Exception as e:  # onnx raises several kinds
-            raise VerificationFailed("channel pruning", f"the pruned graph is invalid: {_first_line(e)}") from None
+            raise VerificationFailed("channel pruning", f"the pruned graph is invalid: {first_line(e)}") from None
         try:
             onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
         except Exception as e:
@@ -671,12 +671,8 @@ class PruneChannels(ir.passes.FunctionalPass):
             except Exception:
                 return  # the input already fails strict inference (e.g. custom ops): nothing to compare
             raise VerificationFailed("channel pruning", f"the pruned graph fails shape inference: "
-                                     f"{_first_line(e)}") from None
+                                     f"{first_line(e)}") from None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _all_values(model: ir.Model):

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..errors import BadInput, check_choice
+from ..errors import BadInput, check_choice, first_line
 from ..feeds import cast_feeds, check_feeds
 from ._common import PassResult, looks_like_transformer, op_counts, quantized_ops
 from ._ort import to_proto, via_ort
@@ -182,7 +182,7 @@ def _preprocess(src: Path, dst: Path) -> str:
         return "quant_pre_process"
     except Exception as e:  # symbolic shape inference raises many kinds
         logger.warning("quant_pre_process failed (%s); retrying without symbolic shape inference",
-                       str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+                       first_line(e, 120))
         with contextlib.redirect_stdout(io.StringIO()):
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
         return "quant_pre_process (without symbolic shape inference)"
@@ -313,7 +313,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
                     extra_options=extra,
                 )
         except ValueError as e:
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else "ValueError"
+            msg = first_line(e, 200)
             raise BadInput("calibration data", f"ONNX Runtime's calibration failed: {msg}") from None
         return how
 
