@@ -22,11 +22,12 @@ from .feeds import load_dataset  # noqa: E402
 from .head import head  # noqa: E402
 from .optimize import optimize  # noqa: E402
 from .prune import prune  # noqa: E402
-from .quantize import quantize, simplify  # noqa: E402
+from .apply import apply, simplify  # noqa: E402
+from .quantize import quantize  # noqa: E402
 from .sources import list_models as models  # noqa: E402
 
 benchmark = bench
 
-__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "prune", "ensemble", "pack", "load",
+__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "apply", "prune", "ensemble", "pack", "load",
            "head", "distill", "evaluate", "models", "load_dataset", "BenchSettings", "Tolerance", "OnnxoptError",
            "BadInput", "VerificationFailed", "GateFailed", "__version__"]

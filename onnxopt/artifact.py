@@ -17,7 +17,7 @@ from typing import Any
 
 import onnx
 
-from .errors import BadInput, first_line
+from .errors import BadInput, InternalError, first_line
 
 __all__ = [
     "load_model",
@@ -128,12 +128,16 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     return model
 
 
-def check_model(model: onnx.ModelProto, where: str) -> None:
-    """Run ``onnx.checker`` and turn its complaint into a one-line :class:`BadInput`."""
+def check_model(model: onnx.ModelProto, where: str, produced: bool = False) -> None:
+    """Run ``onnx.checker`` and turn its complaint into a one-line :class:`BadInput` -- or, for a
+    model onnxopt ``produced`` (about to be written), an :class:`InternalError`: onnxopt's bug."""
     try:
         if model.ByteSize() < _PROTO_LIMIT:
             onnx.checker.check_model(model)
     except Exception as e:
+        if produced:
+            raise InternalError(where, f"onnxopt produced a model onnx.checker rejects: {first_line(e)}",
+                                "this is a bug in onnxopt; please report it with the input model") from e
         raise BadInput(where, f"onnx.checker rejects the model: {first_line(e)}",
                        "is the file truncated or corrupt?") from None
 
@@ -180,7 +184,7 @@ def save_model(
     """Check, write atomically, and write the sidecar. Returns the sidecar dict."""
     path = Path(path)
     if check:
-        check_model(model, str(path))
+        check_model(model, str(path), produced=True)
     data = model_bytes(model)
     sidecar = dict(meta or {})
     sidecar["model"] = path.name

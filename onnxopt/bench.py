@@ -203,7 +203,8 @@ def speed_ratio(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: d
     """A quick side-by-side timing of two in-memory models (interleaved as :func:`bench` does):
     ``{"reference_p50_ms", "candidate_p50_ms", "speedup"}`` (> 1: the candidate is faster).
     Used by jobs that must refuse a variant slower than its reference."""
-    vs = [_Variant(name, "onnx", None, m, session=make_session(m, provider, threads, name))
+    vs = [_Variant(name, "onnx", None, m, session=make_session(m, provider, threads, name,
+                                                               produced=name == "candidate"))
           for name, m in (("reference", reference), ("candidate", candidate))]
     lat = _time_interleaved(vs, feeds, BenchSettings(duration=seconds, warmup=3, min_rounds=5, memory=False),
                             "speed check")

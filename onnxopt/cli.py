@@ -4,32 +4,41 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import click
 
-from .errors import BadInput, OnnxoptError
+from .errors import BadInput, InternalError, OnnxoptError
+from .gates import Gates
+from .jobs import DataOptions
+from .options import click_options
+from .passes import PruneChannels, PruneMasks, QuantizeStatic, Simplify
+from .prune import PruneSettings
+from .quantize import STATIC_OPTIONS, QuantizeSettings
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class _Group(click.Group):
-    """One abort path for user errors: ``<where>: <problem>[; <hint>]`` on stderr, exit 2 or 3,
-    no traceback. Anything else is a bug and keeps its traceback (exit 1)."""
+    """The one place errors become exit codes (see :mod:`onnxopt.errors`): a user's error
+    (``BadInput``, exit 2) or a failed verification or gate (exit 3) prints
+    ``error: <where>: <problem>[; <hint>]`` on stderr, no traceback, and the error's ``report``
+    (a verification table) when it has one. An :class:`InternalError` -- onnxopt's own output is
+    wrong -- and any other exception are bugs: full traceback, exit 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except InternalError:
+            raise  # click prints the traceback of an uncaught exception and exits 1
         except OnnxoptError as e:
             click.echo(f"error: {e.one_line()}", err=True)
-            report = getattr(e, "report", None)
+            report = e.report
             if report is not None and ctx.meta.get("onnxopt.verbose_errors", True):
                 from .report import verification_table
 
                 if isinstance(report, dict) and "cases" in report:
                     click.echo(verification_table(report), err=True)
             ctx.exit(e.exit_code)
-
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
@@ -73,16 +82,12 @@ def models(as_json: bool) -> None:
     Example:
       onnxopt models --json
     """
-    from .report import table, to_json
+    from .render import models_table
+    from .report import to_json
     from .sources import list_models
 
     items = list_models()
-    if as_json:
-        click.echo(to_json(items))
-        return
-    click.echo(table(["name", "task", "inputs", "dataset", "what it is for"],
-                     [[m["name"], m["task"], m["inputs"], m["dataset"] or "-", m["summary"]] for m in items],
-                     "lllll"))
+    click.echo(to_json(items) if as_json else models_table(items))
 
 
 _source_options = [
@@ -128,17 +133,12 @@ def export(model, output, input_shape, dtype, weights, task, exporter, opset, st
     """
     from . import export as api_export
     from .export import Tolerance
-    from .report import to_json, verification_table
+    from .render import export_summary
+    from .report import to_json
 
     sidecar = api_export(model, output, exporter=exporter, opset=opset, input_shape=input_shape, dtype=dtype,
                          weights=weights, task=task, dynamic=not static, tolerance=Tolerance(atol=atol, rtol=rtol))
-    if as_json:
-        click.echo(to_json(sidecar))
-        return
-    step = sidecar["steps"][0]
-    click.echo(f"{output}: exported with {step['exporter']} ({step['exporter_choice']}), opset {step['opset']}, "
-               f"{sidecar['bytes']:,} bytes, sha256 {sidecar['sha256'][:12]}")
-    click.echo(verification_table(sidecar["verification"]))
+    click.echo(to_json(sidecar) if as_json else export_summary(sidecar, output))
 
 
 def _bench_options(batch: str = "1", duration: float = 3.0) -> list:
@@ -195,27 +195,10 @@ def bench(models, batch, threads, providers, duration, warmup, seq_len, no_memor
     click.echo(to_json(report) if as_json else bench_table(report))
 
 
-def _gate_options() -> list:
-    return [
-        click.option("--max-drop", help="Gate: accuracy drop on labelled data, points (0.5, 1%) or relative (2%rel)."),
-        click.option("--min-agreement", type=float, help="Gate without labels: top-1 agreement (classifiers) or "
-                     "min cosine with the reference, e.g. 0.99."),
-        click.option("--min-cosine", type=float, help="Gate without labels: mean cosine similarity of the outputs "
-                     "with the reference's, e.g. 0.99."),
-        click.option("--min-speedup", type=float, help="Gate: speed-up vs the reference at the first batch size."),
-        click.option("--max-size-mb", type=float, help="Gate: size on disk in MB."),
-        click.option("--max-p90-ms", type=float, help="Gate: p90 latency at the first batch size."),
-    ]
-
-
 def _print_search(report: dict) -> None:
-    from .report import search_table
+    from .render import search_summary
 
-    click.echo(search_table(report))
-    if report.get("best"):
-        click.echo(f"\nbest: {report['best']}")
-    out = report.get("out") or str(Path(report["best"]).parent if report.get("best") else ".")
-    click.echo(f"report: {out}/report.html, {out}/report.md, {out}/report.json")
+    click.echo(search_summary(report))
 
 
 @main.command(context_settings=CONTEXT)
@@ -223,7 +206,7 @@ def _print_search(report: dict) -> None:
 @click.option("-o", "--out", type=click.Path(), help="Output folder [default: out/<model>].")
 @_apply(_source_options)
 @_apply(_bench_options(batch="1,8", duration=2.0))
-@_apply(_gate_options())
+@click_options(Gates)
 @click.option("--search/--no-search", default=None,
               help="Run the auto search [default: when a gate is given].")
 @click.option("--budget", type=float, help="Time budget for the search in seconds.")
@@ -232,9 +215,7 @@ def _print_search(report: dict) -> None:
 @click.option("--no-torch", is_flag=True, help="Do not time PyTorch eager as an extra row.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, batch, threads, providers, duration,
-             warmup, seq_len, no_memory, data, max_drop, min_agreement, min_cosine, min_speedup, max_size_mb, max_p90_ms,
-             search,
-             budget, target, no_torch, as_json):
+             warmup, seq_len, no_memory, data, search, budget, target, no_torch, as_json, **gates):
     """The main job: export, verify and benchmark MODEL (default: digits-cnn), or search.
 
     MODEL is a built-in name, a factory `module:function` or a .onnx file. Writes the verified
@@ -253,28 +234,14 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
       onnxopt optimize resnet18 --batch 1,8 --threads 1,2
     """
     from . import optimize as api_optimize
-    from .report import bench_table, to_json, verification_table
+    from .render import optimize_summary
+    from .report import to_json
 
     report = api_optimize(model, out, exporter=exporter, opset=opset, input_shape=input_shape, dtype=dtype,
                           weights=weights, task=task, data=data, torch_eager=not no_torch,
                           settings=_settings(batch, threads, providers, duration, warmup, seq_len, no_memory),
-                          search=search, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine,
-                          min_speedup=min_speedup,
-                          max_size_mb=max_size_mb, max_p90_ms=max_p90_ms, budget_s=budget, target=target)
-    if as_json:
-        click.echo(to_json(report))
-        return
-    art = report["artifact"]
-    click.echo(f"model: {report['out']}/{art['model']}  ({art['bytes']:,} bytes, sha256 {art['sha256'][:12]})")
-    if art.get("verification") and "tolerance" in art["verification"]:
-        click.echo(verification_table(art["verification"]))
-    click.echo("")
-    if report.get("kind") == "search":
-        _print_search(report)
-        return
-    click.echo(bench_table(report["bench"]))
-    click.echo(f"\nreport: {report['out']}/report.md, {report['out']}/report.json")
-
+                          search=search, gates=Gates.from_options(gates), budget_s=budget, target=target)
+    click.echo(to_json(report) if as_json else optimize_summary(report))
 
 @main.command("run", context_settings=CONTEXT)
 @click.argument("recipe", type=click.Path())
@@ -310,7 +277,7 @@ def run_cmd(recipe, out, as_json):
     try:
         report = run_recipe(recipe, out)
     except OnnxoptError as e:
-        if getattr(e, "report", None) is not None and not as_json:
+        if e.report is not None and not as_json:
             _print_search(e.report)
         raise
     if as_json:
@@ -329,58 +296,34 @@ def report_cmd(run_dir):
     Example:
       onnxopt report out/digits-cnn
     """
-    import json as _json
+    from .report import rerender
 
-    from .recipe import write_reports
+    _print_search(rerender(run_dir))
 
-    path = Path(run_dir) / "report.json"
-    if not path.is_file():
-        raise BadInput(str(run_dir), "has no report.json", "point at a folder written by optimize --max-drop or run")
-    try:
-        report = _json.loads(path.read_text())
-    except ValueError:
-        raise BadInput(str(path), "is not valid JSON") from None
-    if report.get("kind") != "search":
-        raise BadInput(str(path), "is not a search or recipe report", "run optimize with a gate, or onnxopt run")
-    write_reports(report, Path(run_dir))
-    _print_search(report)
+def _output_option(what: str):
+    return click.option("-o", "--output", required=True, type=click.Path(), help=f"Where to write the {what} .onnx file.")
+
+
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the quantized .onnx file.")
-@click.option("--mode", type=click.Choice(["auto", "static", "dynamic", "fp16"]), default="auto", show_default=True,
-              help="auto picks by model family and target and says why.")
-@click.option("--data", help="Calibration/evaluation data: 'digits', 'sentences' (built-in text), an .npz/.npy, a "
-              "folder of images (class subfolders give labels) or module:function [default: the model's sidecar "
-              "dataset].")
-@click.option("--preprocess", type=click.Choice(["imagenet", "unit", "raw"]), default="imagenet", show_default=True,
-              help="How an image folder becomes input: imagenet = resize/centre-crop, /255, ImageNet mean/std.")
-@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True, help="Static calibration method.")
-@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
-@click.option("--format", "fmt", type=click.Choice(["qdq", "qoperator"]), default="qdq", show_default=True)
-@click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
-@click.option("--weight-type", type=click.Choice(["uint8", "int8"]), default="int8", show_default=True)
-@click.option("--calibration-samples", type=int, default=128, show_default=True)
-@click.option("--exclude", "exclude", multiple=True, help="Node name to leave in float (repeatable).")
-@click.option("--max-drop", help="Accuracy gate on labelled data: points (0.5, 0.5pt, 1%) or relative "
-              "(2%rel); exit 3 when it fails.")
-@click.option("--fallback/--no-fallback", default=True, show_default=True,
-              help="When the gate fails, leave the most sensitive nodes in float until it holds.")
-@click.option("--max-float-nodes", type=int, help="Cap on nodes the fallback leaves in float "
-              "[default: a quarter of the quantized nodes, at least 8].")
-@click.option("--speed-check/--no-speed-check", default=None,
-              help="Time the result against the input and refuse it when slower [default: after a fallback].")
-@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
-def quantize(model, output, mode, data, preprocess, target, method, per_channel, fmt, activation_type, weight_type,
-             calibration_samples, exclude, max_drop, fallback, max_float_nodes, speed_check, as_json):
+@_output_option("quantized")
+@click_options(QuantizeSettings, ["mode"])
+@click_options(DataOptions)
+@click_options(QuantizeSettings, ["target"])
+@click_options(QuantizeStatic, list(STATIC_OPTIONS))
+@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_size_mb"])
+@click_options(QuantizeSettings, ["fallback", "max_float_nodes", "speed_check"])
+@_json_option
+def quantize(model, output, as_json, **options):
     """Quantize an ONNX model with expert defaults (INT8 static/dynamic, FP16), verified.
 
     With no options: CNNs get static INT8 as QDQ, uint8 activations and int8 per-channel weights
     after quant_pre_process; transformers get ORT's transformer fusions and dynamic per-channel
-    INT8; --target cuda gets FP16 with float32 IO.
+    INT8; --target cuda gets FP16 with float32 IO. Exit 3 when a gate fails (the model and its
+    sidecar are written, so you can look).
 
     \b
     Examples:
@@ -390,53 +333,24 @@ def quantize(model, output, mode, data, preprocess, target, method, per_channel,
       onnxopt quantize resnet18.onnx -o r18-int8.onnx --data val_images/ --max-drop 1%rel
     """
     from . import quantize as api_quantize
-    from .report import table, to_json
+    from .render import quantize_summary
+    from .report import to_json
 
-    side = api_quantize(model, output, mode=mode, data=data, target=target, method=method, per_channel=per_channel,
-                        format=fmt, activation_type=activation_type, weight_type=weight_type,
-                        calibration_samples=calibration_samples, nodes_to_exclude=tuple(exclude), max_drop=max_drop,
-                        fallback=fallback, max_float_nodes=max_float_nodes, speed_check=speed_check,
-                        preprocess=preprocess)
-    if as_json:
-        click.echo(to_json(side))
-        return
-    q = side["quantize"]
-    click.echo(f"{output}: {q['chosen']} ({'auto: ' + q['why'] if q['mode'] == 'auto' else 'requested'}), "
-               f"{side['bytes']:,} bytes")
-    ver = side["verification"]
-    rows = [[c["case"], f"{c.get('max_abs_err', float('nan')):.3g}", f"{c.get('cosine_min', float('nan')):.4f}",
-             f"{c['top1_agreement']:.3f}" if "top1_agreement" in c else "-"] for c in ver.get("cases", [])]
-    click.echo(table(["vs input model", "max abs err", "cosine", "top-1"], rows, "lrrr"))
-    if ver.get("accuracy"):
-        a = ver["accuracy"]
-        click.echo(f"accuracy on {a['dataset']} ({a['samples']}): {a['reference']:.4f} -> {a['quantized']:.4f} "
-                   f"(drop {a['drop_points']:.2f} points)")
-    fb = side.get("fallback")
-    if fb:
-        click.echo(f"fallback: first try dropped {fb['first_try']['drop_points']:.2f} points; "
-                   f"{len(fb['kept_float'])} node(s) kept in float: {', '.join(fb['kept_float']) or '-'}")
-    if side.get("speed_check"):
-        sc = side["speed_check"]
-        click.echo(f"speed check (batch 1, side by side): {sc['speedup']:.2f}x vs the input")
+    side = api_quantize(model, output, **_given(options))
+    click.echo(to_json(side) if as_json else quantize_summary(side, output))
+
+
+def _given(options: dict) -> dict:
+    """The options click passed, without the unset ones (None) so the API's defaults apply."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the simplified .onnx file.")
-@click.option("--level", type=click.Choice(["basic", "extended"]), default="basic", show_default=True,
-              help="ORT offline optimization level (never 'all': its layouts are hardware-specific).")
-@click.option("--transformer", type=click.Choice(["auto", "bert", "none"]), default="auto", show_default=True,
-              help="onnxruntime.transformers fusions (Attention, SkipLayerNorm, BiasGelu).")
-@click.option("--num-heads", type=int, default=0, help="Attention heads [default: detected from the graph].")
-@click.option("--hidden-size", type=int, default=0, help="Hidden size [default: detected from the graph].")
-@click.option("--gelu-approximation", is_flag=True, help="Fuse Gelu as FastGelu (tanh approximation; faster, "
-              "max abs error ~5e-4).")
-@click.option("--skip-layer-norm/--no-skip-layer-norm", default=True, show_default=True,
-              help="Fuse residual Add + LayerNorm into SkipLayerNormalization (best on CUDA; ORT's CPU kernel "
-              "is slower than the two ops, so --no-skip-layer-norm keeps them apart in a file for CPUs).")
-@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
-def simplify(model, output, level, transformer, num_heads, hidden_size, gelu_approximation, skip_layer_norm,
-             as_json):
+@_output_option("simplified")
+@click_options(Simplify)
+@_json_option
+def simplify(model, output, as_json, **settings):
     """Simplify an ONNX graph: constant folding, ORT offline fusions, transformer fusions; verified.
 
     \b
@@ -445,52 +359,28 @@ def simplify(model, output, level, transformer, num_heads, hidden_size, gelu_app
       onnxopt simplify minilm.onnx -o minilm-fused.onnx --transformer bert
     """
     from . import simplify as api_simplify
+    from .render import simplify_summary
     from .report import to_json
 
-    side = api_simplify(model, output, level=level, transformer=transformer, num_heads=num_heads,
-                        hidden_size=hidden_size, gelu_approximation=gelu_approximation,
-                        skip_layer_norm=skip_layer_norm)
-    if as_json:
-        click.echo(to_json(side))
-        return
-    st = side["steps"][-1]["stats"]
-    fus = ", ".join(f"{k} {v}" for k, v in sorted((st.get("fusions") or {}).items()) if v) or "none"
-    if st.get("residual_add_as_sum"):
-        fus += f"; {st['residual_add_as_sum']} residual Add kept apart from LayerNorm (as Sum)"
-    click.echo(f"{output}: nodes {st.get('nodes_before')} -> {st.get('nodes_after')}; fusions: {fus}")
+    side = api_simplify(model, output, **settings)
+    click.echo(to_json(side) if as_json else simplify_summary(side, output))
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the pruned .onnx file.")
-@click.option("--method", type=click.Choice(["channel", "magnitude", "nm"]), default="channel", show_default=True,
-              help="channel: remove whole channels (smaller and faster); magnitude / nm: zero weights "
-              "(smaller under gzip only).")
-@click.option("--amount", type=float, default=0.5, show_default=True,
-              help="Fraction removed: channels per coupled group (channel) or weights (magnitude).")
-@click.option("--importance", type=click.Choice(["auto", "l1", "l2", "activation"]), default="auto",
-              show_default=True, help="Channel score; auto = activation-aware with data, else L2.")
-@click.option("--reconstruct/--no-reconstruct", default=None,
-              help="Re-fit the layers after pruned channels by least squares on the data [default: with data].")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Kept channel counts rounded to a multiple.")
-@click.option("--skip", multiple=True, help="fnmatch pattern of node names left alone (repeatable).")
-@click.option("--threshold", type=float, help="magnitude: zero |w| below this instead of --amount.")
-@click.option("--scope", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
-              help="magnitude: one threshold per layer or one for all layers.")
+@_output_option("pruned")
+@click_options(PruneSettings, ["method"])
+@click_options(PruneChannels, ["amount", "importance"])
+@click_options(PruneSettings, ["reconstruct"])
+@click_options(PruneChannels, ["round_to", "skip"])
+@click_options(PruneMasks, ["threshold", "scope"])
 @click.option("--nm", "nm", default="2:4", show_default=True, help="nm: keep N of every M weights (N:M).")
-@click.option("--data", help="Calibration/evaluation data: 'digits', 'sentences', .npz/.npy, an image folder or "
-              "module:function [default: the model's sidecar dataset].")
-@click.option("--preprocess", type=click.Choice(["imagenet", "unit", "raw"]), default="imagenet", show_default=True,
-              help="How an image folder becomes input.")
-@click.option("--calibration-samples", type=int, default=256, show_default=True)
-@click.option("--max-drop", help="Accuracy gate: points (0.5, 1%) or relative (2%rel); exit 3 when it fails.")
-@click.option("--finetune-epochs", type=int, help="Torch source only: prune with Torch-Pruning, fine-tune N epochs "
-              "on --data, export and verify.")
-@click.option("--weights", help="Torch factory source: a state_dict file.")
-@click.option("--input-shape", help="Torch factory source: input shape, e.g. 1x3x224x224.")
-@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
-def prune(model, output, method, amount, importance, reconstruct, round_to, skip, threshold, scope, nm, data,
-          preprocess, calibration_samples, max_drop, finetune_epochs, weights, input_shape, as_json):
+@click_options(DataOptions)
+@click_options(PruneChannels, ["calibration_samples"])
+@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_size_mb"])
+@click_options(PruneSettings, ["finetune_epochs", "weights", "input_shape"])
+@_json_option
+def prune(model, output, nm, as_json, **options):
     """Prune a model: structured channel pruning that really shrinks tensors, or weight masks.
 
     An .onnx file is pruned on the graph itself (no torch, no training): channels are removed
@@ -506,58 +396,73 @@ def prune(model, output, method, amount, importance, reconstruct, round_to, skip
       onnxopt prune digits-cnn -o digits-ft.onnx --finetune-epochs 2 --data digits
     """
     from . import prune as api_prune
-    from .report import table, to_json
+    from .render import prune_summary
+    from .report import to_json
 
-    try:
-        n, m = (int(v) for v in nm.split(":"))
-    except ValueError:
-        raise BadInput("--nm", f"'{nm}' is not N:M", "write it like 2:4") from None
-    side = api_prune(model, output, method=method, amount=amount, importance=importance, reconstruct=reconstruct,
-                     round_to=round_to, skip=tuple(skip), threshold=threshold, scope=scope, n=n, m=m, data=data,
-                     preprocess=preprocess, calibration_samples=calibration_samples, max_drop=max_drop,
-                     finetune_epochs=finetune_epochs, weights=weights, input_shape=input_shape)
+    options = _given(options)
+    if options.get("method") == "nm":
+        try:
+            options["n"], options["m"] = (int(v) for v in nm.split(":"))
+        except ValueError:
+            raise BadInput("--nm", f"'{nm}' is not N:M", "write it like 2:4") from None
+    side = api_prune(model, output, **options)
     if as_json:
         click.echo(to_json(side))
         return
-    summ = side.get("prune")
-    if summ is None:  # the torch route: prune + fine-tune + export
-        st = side["steps"][0]
-        click.echo(f"{output}: {st['library']}, {st['amount']:.0%} channels, {st['epochs']} epoch(s) on "
-                   f"{st['training_data']}; params {st['params_before']:,} -> {st['params_after']:,} "
-                   f"({st['params_ratio']:.3f}x); export verified against the pruned network")
-        return
-    click.echo(f"{output}: {summ['method']}; params {summ['params_before']:,} -> {summ['params_after']:,} "
-               f"({summ['params_ratio']:.3f}x); bytes {summ['bytes_before']:,} -> {summ['bytes_after']:,}; "
-               f"gzip {summ['gzip_bytes_before']:,} -> {summ['gzip_bytes_after']:,} ({summ['gzip_ratio']:.2f}x)")
-    if summ["method"] != "channel":
-        click.echo(f"sparsity {summ['sparsity']:.3f} of the pruned layers. Zeros do not make ONNX Runtime on CPU "
-                   "faster: the gain is the compressed size above.")
-    stats = side["steps"][-1]["passes"][0]["stats"]
-    layers = stats.get("layers") or []
-    if layers:
-        def cell(key, v):
-            if isinstance(v, float):
-                return f"{v:.3f}"
-            if isinstance(v, list) and key == "shape":
-                return "x".join(map(str, v))
-            if isinstance(v, list) and len(v) == 2 and key != "nodes":
-                return f"{v[0]:,} -> {v[1]:,}"
-            return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
+    text, warnings = prune_summary(side, output)
+    for w in warnings:
+        click.echo(w, err=True)
+    click.echo(text)
 
-        keys = [k for k in ("node", "weight", "op", "shape", "in_channels", "out_channels", "params", "zeros",
-                            "sparsity") if k in layers[0]]
-        click.echo(table(keys, [[cell(k, row.get(k)) for k in keys] for row in layers[:25]]))
-        if len(layers) > 25:
-            click.echo(f"... {len(layers) - 25} more layers in --json")
-    for sk in stats.get("skipped", [])[:10]:
-        click.echo(f"left alone: {sk.get('node') or sk.get('weight') or sk}: {sk.get('reason', '')}")
-    for w in summ.get("warnings", []):
-        click.echo(f"warning: {w}", err=True)
-    ver = side["verification"]
-    if ver.get("accuracy"):
-        a = ver["accuracy"]
-        click.echo(f"accuracy on {a['dataset']} ({a['samples']}): {a['reference']:.4f} -> {a['pruned']:.4f} "
-                   f"(drop {a['drop_points']:.2f} points)")
+
+class _PassGroup(click.Group):
+    """``onnxopt apply PASS``: one subcommand per pass in the registry, made when it is asked for,
+    with options generated from the pass's fields -- a pass added to the registry is on the CLI
+    with no other change."""
+
+    def list_commands(self, ctx):
+        from .passes import PASSES
+
+        return sorted(PASSES)
+
+    def get_command(self, ctx, name):
+        from .passes import PASSES
+
+        cls = PASSES.get(name)
+        if cls is None:
+            return None
+        doc = (cls.__doc__ or name).strip()
+
+        @click.command(name, context_settings=CONTEXT, help=f"Run the {name} pass, verified.\n\n{doc}")
+        @click.argument("model", type=click.Path())
+        @_output_option(name)
+        @click_options(cls)
+        @click_options(DataOptions)
+        @click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_size_mb"])
+        @_json_option
+        def run_pass(model, output, as_json, **options):
+            from .apply import apply
+            from .render import apply_summary
+            from .report import to_json
+
+            side = apply(name, model, output, **_given(options))
+            click.echo(to_json(side) if as_json else apply_summary(side, output))
+
+        return run_pass
+
+
+@main.group("apply", cls=_PassGroup, context_settings=CONTEXT)
+def apply_cmd() -> None:
+    """Run any registered pass on an ONNX file, verified against it and gated like every command.
+
+    Each pass's options are its settings (the same names a recipe uses).
+
+    \b
+    Examples:
+      onnxopt apply --help                              # the passes
+      onnxopt apply prune-masks m.onnx -o sparse.onnx --method nm
+      onnxopt apply prune-channels m.onnx -o half.onnx --data digits --amount 0.5 --max-drop 1
+    """
 
 
 from ._cli_bundle import pack as _pack_cmd, verify_bundle as _verify_bundle_cmd  # noqa: E402

@@ -7,7 +7,7 @@ import numpy as np
 from .feeds import Dataset, cast_feeds, check_feeds
 from .runtime import make_session, run
 
-__all__ = ["agreement", "evaluate", "predict", "top1", "top1_agreement"]
+__all__ = ["agreement", "cosine_rows", "evaluate", "predict", "top1", "top1_agreement"]
 
 
 def top1(scores, labels) -> float:
@@ -21,6 +21,16 @@ def top1_agreement(ref, out) -> float:
     return top1(out, ref.argmax(1))
 
 
+def cosine_rows(ref, out) -> np.ndarray:
+    """Cosine similarity of each sample's output with the reference's (1 where both are zero)."""
+    r = np.asarray(ref, dtype=np.float64)
+    o = np.asarray(out, dtype=np.float64)
+    r = r.reshape(len(r), -1) if r.ndim > 1 else r.reshape(1, -1)
+    o = o.reshape(len(o), -1) if o.ndim > 1 else o.reshape(1, -1)
+    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
+    return np.where(denom > 0, (r * o).sum(1) / np.maximum(denom, 1e-300), 1.0)
+
+
 def agreement(ref: np.ndarray, out: np.ndarray, classification: bool | None = None) -> dict:
     """Max abs error, mean abs error, min row cosine and (for 2-D logits) top-1 agreement."""
     ref = np.asarray(ref, dtype=np.float64)
@@ -28,10 +38,7 @@ def agreement(ref: np.ndarray, out: np.ndarray, classification: bool | None = No
     if ref.shape != out.shape:
         return {"shape_ok": False, "ref_shape": list(ref.shape), "shape": list(out.shape)}
     diff = np.abs(ref - out)
-    r = ref.reshape(len(ref), -1) if ref.ndim > 1 else ref.reshape(1, -1)
-    o = out.reshape(len(out), -1) if out.ndim > 1 else out.reshape(1, -1)
-    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
-    cos = np.where(denom > 0, (r * o).sum(1) / np.maximum(denom, 1e-300), 1.0)
+    cos = cosine_rows(ref, out)
     res = {
         "shape_ok": True,
         "max_abs_err": float(diff.max()) if diff.size else 0.0,
@@ -47,16 +54,17 @@ def agreement(ref: np.ndarray, out: np.ndarray, classification: bool | None = No
 
 
 def predict(model, dataset: Dataset, batch: int = 64, provider: str = "cpu", threads: int | None = None,
-            where: str = "model") -> np.ndarray:
-    """First output of ``model`` over the whole dataset, run in batches."""
+            where: str = "model", produced: bool = False) -> np.ndarray:
+    """First output of ``model`` over the whole dataset, run in batches. ``produced``: the model
+    is one onnxopt wrote (ONNX Runtime failing on it is then onnxopt's bug, not bad input)."""
     import onnx
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    sess = make_session(proto, provider, threads, where)
+    sess = make_session(proto, provider, threads, where, produced=produced)
     check_feeds(proto, dataset.inputs, f"{dataset.name}")
     outs = []
     for feeds, _ in dataset.batches(batch):
-        outs.append(run(sess, cast_feeds(proto, feeds), where)[0])
+        outs.append(run(sess, cast_feeds(proto, feeds), where, produced=produced)[0])
     return np.concatenate(outs)
 
 

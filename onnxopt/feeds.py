@@ -32,6 +32,11 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
+    def head(self, n: int) -> "Dataset":
+        """The first ``n`` samples (views, no copy)."""
+        return Dataset(self.name, {k: v[:n] for k, v in self.inputs.items()},
+                       None if self.labels is None else self.labels[:n])
+
     def batches(self, batch: int):
         n = len(self)
         for i in range(0, n, batch):

@@ -1,24 +1,52 @@
-"""What the jobs that make a variant from an artifact share (quantize, prune, ...): resolving
-calibration and evaluation data, running a pass as a recorded step, verifying the variant against
-its input, and the accuracy gate."""
+"""What the jobs that make a variant from an artifact share (quantize, prune, simplify, apply,
+ensemble): resolving calibration and evaluation data, verifying the variant against its input,
+judging it with the one set of gates (:mod:`onnxopt.gates`) and writing it with its sidecar.
+
+The steps themselves run through :func:`onnxopt.runner.run_steps`; a job only decides which steps.
+"""
 
 from __future__ import annotations
 
-import time
+import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
-from .errors import BadInput, GateFailed, VerificationFailed
+from .artifact import lineage, save_model
+from .errors import BadInput, InternalError, VerificationFailed
 from .evaluate import agreement, predict
 from .feeds import Dataset, load_dataset, random_feeds
+from .gates import Gates, gate_data, gate_failed, measure
+from .options import option
 from .runtime import make_session, run
 
-__all__ = ["calibration_data", "eval_data", "head", "verify_variant", "run_step", "parse_max_drop",
-           "allowed_drop", "accuracy_gate", "VERIFY_SAMPLES"]
+__all__ = ["DataOptions", "calibration_data", "eval_data", "sidecar_dataset", "verify_variant", "judge",
+           "write_variant", "job_gates"]
 
-VERIFY_SAMPLES = 256
+PREPROCESS = ("imagenet", "unit", "raw")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOptions:
+    """The data a job calibrates on and judges with; declared once for every job."""
+
+    data: Any = option(None, "Calibration/evaluation data: 'digits', 'sentences' (built-in text), an .npz/.npy, "
+                       "a folder of images (class subfolders give labels) or module:function [default: the "
+                       "model's sidecar dataset].", type=str)
+    preprocess: str = option("imagenet", "How an image folder becomes input: imagenet = resize/centre-crop, /255, "
+                             "ImageNet mean/std; unit = /255; raw = as stored.", choices=PREPROCESS)
+
+
+def job_gates(options: dict) -> Gates:
+    """The gates a variant-making job can judge on its own (quality and size); the speed gates
+    need the side-by-side timing of ``optimize`` or a recipe."""
+    gates = Gates.from_options(options)
+    for name in ("min_speedup", "max_p90_ms"):
+        if getattr(gates, name) is not None:
+            raise BadInput("--" + name.replace("_", "-"), "is judged by the side-by-side timing of a search or recipe",
+                           "use onnxopt optimize or onnxopt run with this gate")
+    return gates
 
 
 def sidecar_dataset(sidecar: dict | None) -> str | None:
@@ -28,7 +56,7 @@ def sidecar_dataset(sidecar: dict | None) -> str | None:
 
 
 def calibration_data(data, proto: onnx.ModelProto, sidecar: dict | None, eval_ds: Dataset | None
-                      ) -> tuple[Dataset | None, str | None]:
+                     ) -> tuple[Dataset | None, str | None]:
     """(calibration dataset, its description). ``digits`` calibrates on the train split; any other
     data calibrates on the evaluation data itself."""
     if data is None:
@@ -45,7 +73,7 @@ def calibration_data(data, proto: onnx.ModelProto, sidecar: dict | None, eval_ds
 
 
 def eval_data(data, proto: onnx.ModelProto, sidecar: dict | None, preprocess: str = "imagenet"
-               ) -> Dataset | None:
+              ) -> Dataset | None:
     if data is None:
         data = sidecar_dataset(sidecar)
     if data is None:
@@ -53,101 +81,95 @@ def eval_data(data, proto: onnx.ModelProto, sidecar: dict | None, preprocess: st
     return load_dataset(data, proto, preprocess=preprocess)
 
 
-def head(ds: Dataset, n: int) -> Dataset:
-    return Dataset(ds.name, {k: v[:n] for k, v in ds.inputs.items()},
-                   None if ds.labels is None else ds.labels[:n])
-
-
-def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | None, provider: str,
-            label: str = "quantized", task: str | None = None) -> dict:
-    """Agreement of ``new`` with ``ref`` on random inputs (batch 1, and 4 with right-padded masks)
-    and real data; accuracy of both when the data is labelled. ``task`` (from the input's
-    sidecar) decides whether top-1 agreement means anything: not for embeddings; unknown = a
-    guess from the output shape. Raises VerificationFailed on wrong shapes or NaN/Inf."""
-    classification = None if task is None else task == "classification"
-    res: dict = {"provider": provider, "cases": []}
-    try:
-        s_ref, s_new = make_session(ref, provider), make_session(new, provider, where=f"{label} model")
-    except BadInput as e:
-        if provider == "cpu":
-            return {"verified": False, "reason": f"cannot run on the CPU provider here: {e.problem}"}
-        raise
+def _random_cases(ref: onnx.ModelProto, s_ref, s_new, label: str, classification) -> list[dict]:
+    cases = []
     for batch in (1, 4):
         feeds = random_feeds(ref, batch=batch, seq=32, seed=batch, padded=True)
-        r, o = run(s_ref, feeds)[0], run(s_new, feeds, f"{label} model")[0]
+        r, o = run(s_ref, feeds)[0], run(s_new, feeds, f"{label} model", produced=True)[0]
         m = agreement(r, o, classification)
-        res["cases"].append({"case": f"random batch {batch}", **m})
+        cases.append({"case": f"random batch {batch}", **m})
         if not m["shape_ok"] or not np.isfinite(o).all():
             raise VerificationFailed(f"{label} model", f"random batch {batch}: output has the wrong shape "
                                      "or non-finite values")
+    return cases
+
+
+def _has_fp16(proto: onnx.ModelProto) -> bool:
+    return any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+
+
+def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | None, provider: str,
+                   label: str = "quantized", task: str | None = None) -> dict:
+    """Agreement of ``new`` with ``ref`` on random inputs (batch 1, and 4 with right-padded masks)
+    and on the gate samples of real data (:func:`onnxopt.gates.gate_data`); accuracy of both when
+    the data is labelled, measured by :func:`onnxopt.gates.measure` -- the numbers a gate judges
+    (``res["quality"]``). ``task`` (from the input's sidecar) decides whether top-1 agreement means
+    anything: not for embeddings; unknown = a guess from the output shape. Raises
+    VerificationFailed on wrong shapes or NaN/Inf."""
+    classification = None if task is None else task == "classification"
+    res: dict = {"provider": provider, "cases": []}
+    s_ref = make_session(ref, provider)
+    try:
+        s_new = make_session(new, provider, where=f"{label} model", produced=True)
+    except InternalError as e:
+        # An fp16 file made for CUDA may use kernels ORT's CPU provider lacks: not a bug, just
+        # nothing to verify on here (the sidecar says so).
+        if provider == "cpu" and _has_fp16(new):
+            return {"verified": False, "reason": f"cannot run on the CPU provider here: {e.problem}"}
+        raise
+    res["cases"] += _random_cases(ref, s_ref, s_new, label, classification)
+    ds = gate_data(ds)
     if ds is not None:
-        ds = head(ds, VERIFY_SAMPLES)
-        r, o = predict(ref, ds, where="reference"), predict(new, ds, where=f"{label} model")
-        res["cases"].append({"case": ds.name, "samples": len(ds), **agreement(r, o, classification)})
-        if ds.labels is not None and r.ndim == 2:
-            acc_r = float((r.argmax(1) == ds.labels).mean())
-            acc_o = float((o.argmax(1) == ds.labels).mean())
-            res["accuracy"] = {"dataset": ds.name, "samples": len(ds), "reference": acc_r,
-                               label: acc_o, "drop_points": round(100 * (acc_r - acc_o), 4)}
+        ref_out = predict(ref, ds, where="reference")
+        out = predict(new, ds, where=f"{label} model", produced=True)
+        q = measure(ref_out, new, ds, f"{label} model", classification, out=out)
+        res["cases"].append({"case": ds.name, "samples": len(ds), **agreement(ref_out, out, classification)})
+        res["quality"] = q
+        if "drop_points" in q:
+            res["accuracy"] = {"dataset": ds.name, "samples": len(ds), "reference": q["reference_accuracy"],
+                               label: q["accuracy"], "drop_points": q["drop_points"]}
     res["verified"] = True
     return res
 
 
-def run_step(p, model: ir.Model, name: str) -> tuple[ir.Model, dict]:
-    t0 = time.perf_counter()
-    result = p(model)
-    return result.model, {"step": name, "settings": p.settings() if hasattr(p, "settings") else {
-        f: getattr(p, f) for f in p.__dataclass_fields__}, "seconds": round(time.perf_counter() - t0, 3),
-        "nodes_before": result.stats.get("nodes_before"), "nodes_after": result.stats.get("nodes_after"),
-        "stats": result.stats}
-
-
-def parse_max_drop(value) -> tuple[float, str] | None:
-    """The accuracy gate: ``0.5``, ``"0.5"``, ``"0.5pt"`` or ``"0.5%"`` -> at most 0.5 accuracy
-    points lost (absolute); ``"2%rel"`` or ``"2rel"`` -> at most 2% of the reference accuracy."""
-    if value is None:
-        return None
-    text = str(value).strip().lower().replace(" ", "")
-    kind = "points"
-    for suffix, k in (("%rel", "relative"), ("rel", "relative"), ("pt", "points"), ("points", "points"),
-                      ("%", "points")):
-        if text.endswith(suffix):
-            text, kind = text[: -len(suffix)], k
-            break
-    try:
-        amount = float(text)
-    except ValueError:
-        raise BadInput("--max-drop", f"'{value}' is not a number of accuracy points (0.5, 0.5pt, 1%) or a "
-                       "relative drop (2%rel)") from None
-    if not np.isfinite(amount) or amount < 0:
-        raise BadInput("--max-drop", "must be >= 0 (accuracy points, or %rel of the reference accuracy)")
-    return amount, kind
-
-
-def allowed_drop(gate: tuple[float, str], ref_acc: float) -> float:
-    """The gate in accuracy points for a reference accuracy in [0, 1]."""
-    amount, kind = gate
-    return amount if kind == "points" else amount * ref_acc
-
-
-def accuracy_gate(max_drop, accuracy: dict | None) -> dict | None:
-    """The ``--max-drop`` gate record for a job's verification accuracy (None without a gate):
-    ``{"max_drop", "kind", "max_drop_points", "drop_points", "passed"}``."""
-    spec = parse_max_drop(max_drop)
-    if spec is None:
-        return None
-    if accuracy is None:
+def judge(gates: Gates, verification: dict, out_bytes: int) -> list[dict]:
+    """The gate checks of a job's variant, on the numbers its verification measured."""
+    q = {**verification.get("quality", {}), "bytes": out_bytes}
+    if gates.max_drop is not None and "drop_points" not in q:
         raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's first output")
-    allowed = allowed_drop(spec, accuracy["reference"])
-    return {"max_drop": str(max_drop), "kind": spec[1], "max_drop_points": round(allowed, 4),
-            "drop_points": accuracy["drop_points"], "passed": accuracy["drop_points"] <= allowed}
+    return gates.check_quality(q)
 
 
-def raise_if_gate_failed(gate: dict | None, output, sidecar: dict, hint: str) -> None:
-    """Raise :class:`GateFailed` (with ``sidecar`` as its report) when the :func:`accuracy_gate`
-    record ``gate`` did not pass; the model and its sidecar are already written."""
-    if gate is None or gate["passed"]:
-        return
-    err = GateFailed(str(output), f"accuracy dropped {gate['drop_points']:.2f} points, more than --max-drop "
-                     f"{gate['max_drop']} ({gate['max_drop_points']:.2f} points)", hint, report=sidecar)
-    raise err
+def gate_record(gates: Gates, checks: list[dict]) -> dict | None:
+    """The sidecar's ``gate`` summary of the accuracy gate (None without one)."""
+    from .gates import parse_max_drop
+
+    c = next((c for c in checks if c["gate"] == "max_drop"), None)
+    if c is None:
+        return None
+    return {"max_drop": str(gates.max_drop), "kind": parse_max_drop(gates.max_drop)[1],
+            "max_drop_points": c["limit"], "drop_points": c["value"], "passed": c["passed"]}
+
+
+def write_variant(proto: onnx.ModelProto, output, model_path, step: dict, verification: dict, gates: Gates,
+                  hint: str, extra: dict | None = None) -> dict:
+    """Judge the variant with ``gates``, write it and its sidecar (lineage + ``step``, the
+    verification, the gate checks, ``extra``), then raise GateFailed (exit 3) when a gate did not
+    hold -- the model and its sidecar are written either way, so the user can look."""
+    from .artifact import model_bytes
+
+    checks = judge(gates, verification, len(model_bytes(proto)))
+    meta = lineage(model_path, step)
+    meta.update(extra or {})
+    meta["verification"] = {k: v for k, v in verification.items() if k != "quality"}
+    if checks:
+        meta["gates"] = checks
+        record = gate_record(gates, checks)
+        if record is not None:
+            meta["gate"] = record
+    sidecar = save_model(proto, output, meta)
+    err = gate_failed(str(output), checks, hint, report=sidecar)
+    if err is not None:
+        raise err
+    return sidecar
+

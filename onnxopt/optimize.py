@@ -3,7 +3,7 @@
 Export (or take) the model and verify it against PyTorch. Then either benchmark the fp32
 reference (against PyTorch eager when the source is a torch model), or -- with a gate
 (``max_drop``, ``min_agreement``, ...) or ``search=True`` -- run the accuracy-gated auto search
-(:func:`onnxopt.recipe.search`): every variant that fits the model is built, gated on the data,
+(:func:`onnxopt.search.search`): every variant that fits the model is built, gated on the data,
 timed side by side, and the fastest one that holds the gates is written as ``out/best.onnx``.
 """
 
@@ -43,29 +43,27 @@ def optimize(
     tolerance: Tolerance | None = None,
     torch_eager: bool = True,
     search: bool | None = None,
-    max_drop: float | str | None = None,
-    min_agreement: float | None = None,
-    min_cosine: float | None = None,
-    min_speedup: float | None = None,
-    max_size_mb: float | None = None,
-    max_p90_ms: float | None = None,
+    gates=None,
     budget_s: float | None = None,
     target: str = "cpu",
+    **gate_options,
 ) -> dict:
     """Export (or take) ``model``, verify it, then benchmark it -- or search -- and write
     ``out/report.{json,md}`` (and ``report.html`` for a search).
 
     ``model``: a built-in name, a factory ``module:function`` or a ``.onnx`` file.
     ``data``: a labelled dataset for accuracy; defaults to the model's built-in dataset.
-    Gates (see :class:`onnxopt.recipe.Gates`) turn the search on; ``search=True`` searches with
+    Gates (``gates``, a :class:`onnxopt.gates.Gates`, or its fields as keywords: ``max_drop``,
+    ``min_agreement``, ``min_cosine``, ``min_speedup``, ``max_size_mb``, ``max_p90_ms``) turn the search on; ``search=True`` searches with
     whatever gates are given (none: every variant passes and the fastest wins). ``budget_s``
     bounds the search; ``target`` (cpu | cuda) picks its search space. Raises GateFailed (exit 3)
     when no variant holds the gates (the report is written).
     """
-    from .recipe import Gates
+    from .gates import Gates
+    from .options import split
 
-    gates = Gates(max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine, min_speedup=min_speedup,
-                  max_size_mb=max_size_mb, max_p90_ms=max_p90_ms)
+    (gate_options,) = split(gate_options, Gates)
+    gates = gates or Gates.from_options(gate_options)
     if search is None:
         search = bool(gates.active())
     settings = settings or BenchSettings(batches=(1, 8), duration=2.0)
@@ -93,7 +91,7 @@ def optimize(
     if out.exists() and not out.is_dir():
         raise BadInput(str(out), "exists and is not a folder")
     if search:
-        from .recipe import search as run_search
+        from .search import search as run_search
 
         report = run_search(model_path, out, data=data, gates=gates, settings=settings, budget_s=budget_s,
                             target=target, source=None if is_onnx_path(model) else model)

@@ -14,8 +14,8 @@ and the data when given: agreement, and accuracy in points when it is labelled).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
-import inspect
 import logging
 from pathlib import Path
 
@@ -23,20 +23,37 @@ import onnx
 import onnx_ir as ir
 
 from ._version import __version__
-from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model
-from .errors import BadInput, check_choice
-from .feeds import Dataset
-from .passes.prune import IMPORTANCES, MASK_METHODS, SCOPES, PruneChannels, PruneMasks, count_params
-from .passes.quantize import refuse_quantized
-from .jobs import (accuracy_gate, calibration_data, eval_data, parse_max_drop, raise_if_gate_failed, run_step,
-                   verify_variant)
+from .artifact import load_model, model_bytes, read_sidecar
+from .errors import BadInput
+from .gates import Gates
+from .jobs import DataOptions, calibration_data, eval_data, job_gates, verify_variant, write_variant
+from .options import build, check_choices, option, split
+from .passes.prune import MASK_METHODS, PruneChannels, PruneMasks, count_params
+from .passes._common import refuse_quantized
+from .runner import Step, calibration_feeds, run_steps
 
-__all__ = ["prune", "prune_onnx", "METHODS"]
+__all__ = ["prune", "prune_onnx", "PruneSettings", "METHODS"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("channel",) + MASK_METHODS
-CALIBRATION_BATCH = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSettings:
+    """The prune job's own options (the passes' are :class:`PruneChannels` and :class:`PruneMasks`
+    fields: ``amount``, ``importance``, ``round_to``, ``skip``, ``calibration_samples``,
+    ``threshold``, ``scope``, ``n``, ``m``)."""
+
+    method: str = option("channel", "channel: remove whole channels (smaller and faster); magnitude / nm: zero "
+                         "weights (smaller under gzip only).", choices=METHODS)
+    reconstruct: bool | None = option(None, "Re-fit the layers after pruned channels by least squares on the data "
+                                      "[default: with data].")
+    finetune_epochs: int | None = option(None, "Torch source only: prune with Torch-Pruning, fine-tune N epochs on "
+                                         "--data, export and verify.", type=int)
+    weights: str | None = option(None, "Torch factory source: a state_dict file.", type=str)
+    input_shape: str | None = option(None, "Torch factory source: input shape, e.g. 1x3x224x224.", type=str)
+    lr: float = option(1e-3, "Torch source only: fine-tuning learning rate.", cli=False)
 
 
 def _sizes(proto: onnx.ModelProto) -> dict:
@@ -44,139 +61,136 @@ def _sizes(proto: onnx.ModelProto) -> dict:
     return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, compresslevel=6, mtime=0))}
 
 
-def prune(
-    model: str | Path,
-    output: str | Path,
-    *,
-    finetune_epochs: int | None = None,
-    weights: str | None = None,
-    input_shape: str | None = None,
-    lr: float = 1e-3,
-    **options,
-) -> dict:
+def _parse(options: dict):
+    job, data, gate_opts, channel, masks = split(options, PruneSettings, DataOptions, Gates, PruneChannels, PruneMasks)
+    job = build(PruneSettings, job, what="prune")
+    data = build(DataOptions, data, what="prune")
+    check_choices(PruneChannels, channel)
+    check_choices(PruneMasks, masks)
+    return job, data, job_gates(gate_opts), channel, masks
+
+
+def prune(model: str | Path, output: str | Path, **options) -> dict:
     """Prune a model and write the result (and its sidecar) to ``output``.
 
-    * An ``.onnx`` file is pruned on the graph, no torch needed: :func:`prune_onnx` (``options``
-      are its keyword arguments).
+    * An ``.onnx`` file is pruned on the graph, no torch needed: :func:`prune_onnx`.
     * A built-in model name or a factory ``module:function`` (with ``weights``/``input_shape``) is
       pruned in torch with Torch-Pruning and fine-tuned for ``finetune_epochs`` on labelled
       ``data``, then exported and verified: :func:`onnxopt.prune_torch.prune_finetune`.
+
+    Options: :class:`PruneSettings`, :class:`onnxopt.jobs.DataOptions`, :class:`onnxopt.gates.Gates`
+    and the settings of :class:`onnxopt.passes.PruneChannels` / :class:`onnxopt.passes.PruneMasks`;
+    an unknown one is a BadInput naming the nearest.
     """
     from .sources import is_onnx_path
 
+    job, data, gates, channel, masks = _parse(options)
     if is_onnx_path(str(model)):
-        if finetune_epochs is not None:
+        if job.finetune_epochs is not None:
             raise BadInput("--finetune-epochs", f"fine-tuning needs the torch source, not the ONNX file {model}",
                            "name a built-in model or a factory module:function")
-        if weights is not None or input_shape is not None:
+        if job.weights is not None or job.input_shape is not None:
             raise BadInput("--weights", "only applies to a torch source, not to an ONNX file")
-        return prune_onnx(model, output, **options)
-    if finetune_epochs is None:
+        return _prune_onnx(model, output, job, data, gates, channel, masks)
+    return _prune_torch(model, output, job, data, gates, channel, masks)
+
+
+def _prune_torch(model, output, job: PruneSettings, data: DataOptions, gates: Gates, channel: dict, masks: dict):
+    if job.finetune_epochs is None:
         raise BadInput(str(model), "pruning a torch model goes through fine-tuning",
                        "pass --finetune-epochs N (and --data), or export it and prune the .onnx file")
-    method = options.pop("method", "channel")
-    if method != "channel":
-        raise BadInput("--method", f"fine-tuning prunes channels; '{method}' applies to ONNX files")
-    unsupported = sorted(k for k, v in options.items() if k not in ("amount", "importance", "data", "round_to")
-                         and v not in (None, (), PRUNE_DEFAULTS.get(k)))
+    if job.method != "channel":
+        raise BadInput("--method", f"fine-tuning prunes channels; '{job.method}' applies to ONNX files")
+    defaults = {**{k: f.default for k, f in _fields(PruneMasks).items()},
+                **{k: f.default for k, f in _fields(PruneChannels).items()}}
+    unsupported = sorted(k for k, v in {**masks, **channel}.items()
+                         if k not in ("amount", "importance", "round_to") and v not in (None, (), defaults.get(k)))
+    if gates.active():
+        unsupported.insert(0, next(iter(gates.active())))
+    if data.preprocess != "imagenet":
+        unsupported.append("preprocess")
     if unsupported:
         raise BadInput("--" + unsupported[0].replace("_", "-"), "does not apply to fine-tuning a torch model")
     from .prune_torch import prune_finetune
 
-    importance = options.get("importance", "auto")
-    round_to = options.get("round_to", 1)
-    return prune_finetune(str(model), output, amount=options.get("amount", 0.5), epochs=int(finetune_epochs),
-                          data=options.get("data"), importance="l1" if importance == "auto" else importance,
-                          round_to=None if round_to in (None, 1) else round_to, weights=weights,
-                          input_shape=input_shape, lr=lr)
+    importance = channel.get("importance", "auto")
+    round_to = channel.get("round_to", 1)
+    return prune_finetune(str(model), output, amount=channel.get("amount", 0.5), epochs=int(job.finetune_epochs),
+                          data=data.data, importance="l1" if importance == "auto" else importance,
+                          round_to=None if round_to in (None, 1) else round_to, weights=job.weights,
+                          input_shape=job.input_shape, lr=job.lr)
 
 
-def prune_onnx(
-    model_path: str | Path,
-    output: str | Path,
-    *,
-    method: str = "channel",
-    amount: float = 0.5,
-    importance: str = "auto",
-    reconstruct: bool | None = None,
-    round_to: int = 1,
-    skip: tuple[str, ...] = (),
-    threshold: float | None = None,
-    scope: str = "layer",
-    n: int = 2,
-    m: int = 4,
-    data: str | Dataset | None = None,
-    calibration_samples: int = 256,
-    max_drop: float | str | None = None,
-    preprocess: str = "imagenet",
-) -> dict:
-    """Prune the ONNX model at ``model_path`` and write it (and its sidecar) to ``output``.
+def _fields(cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
-    * ``method``: channel | magnitude | nm.
-    * ``amount``: fraction removed, in (0, 1): channels per group (channel) or weights (magnitude).
+
+def prune_onnx(model_path: str | Path, output: str | Path, **options) -> dict:
+    """Prune the ONNX model at ``model_path`` on the graph (no torch) and write it (and its
+    sidecar) to ``output``. Options as for :func:`prune`:
+
+    * ``method``: channel | magnitude | nm; ``amount``: fraction removed, in (0, 1).
     * ``importance`` (channel): auto | l1 | l2 | activation; ``auto`` is activation-aware when
-      there is data (on digits-cnn: +1-6 points over l1/l2 at 60-80 % of the channels,
-      within one test image at 50 %), else l2.
-    * ``reconstruct`` (channel): re-fit consumers on calibration data; ``None`` = when there is data.
-    * ``round_to`` (channel): kept channel counts rounded to a multiple (e.g. 8).
-    * ``skip``: fnmatch patterns of node names left untouched.
-    * ``threshold``, ``scope`` (layer | global): magnitude options; ``n``, ``m``: the N:M pattern.
-    * ``data``: anything :func:`onnxopt.feeds.load_dataset` reads (``digits``, ``.npz``/``.npy``, an
-      image folder, ``module:function``) or a Dataset; defaults to the dataset in the input's
-      sidecar. ``digits`` calibrates on the train split and evaluates on the test split; other data
-      is used for both. ``preprocess`` (imagenet | unit | raw) is for image folders.
-    * ``calibration_samples``: at most this many samples are used for calibration.
-    * ``max_drop``: accuracy gate on labelled data, points (``0.5``, ``"1%"``) or relative
-      (``"2%rel"``); raises GateFailed after writing the model and its sidecar.
+      there is data, else l2. ``reconstruct``: re-fit consumers on calibration data (None = when
+      there is data). ``round_to``: kept channel counts rounded to a multiple (e.g. 8).
+    * ``skip``: fnmatch patterns of node names left untouched; ``threshold``, ``scope``, ``n``,
+      ``m``: the weight-mask options.
+    * ``data``/``preprocess``: see :class:`onnxopt.jobs.DataOptions`; ``calibration_samples``: at
+      most this many samples are used for calibration.
+    * gates (``max_drop``, ...): judged after the model and its sidecar are written; GateFailed.
 
     Returns the output's sidecar dict (``prune`` has the summary, ``steps[-1]["passes"][0]
     ["stats"]`` the per-layer table, ``verification`` the agreement and accuracy).
     """
-    check_choice(method, METHODS, "--method")
-    check_choice(importance, IMPORTANCES, "--importance")
-    check_choice(scope, SCOPES, "--scope")
-    gate_spec = parse_max_drop(max_drop)
-    if int(calibration_samples) < 1:
-        raise BadInput("--calibration-samples", "must be >= 1")
-    proto = load_model(model_path)
-    prev = read_sidecar(model_path)
-    model = ir.serde.deserialize_model(proto)
-    refuse_quantized(model, str(model_path))
+    job, data, gates, channel, masks = _parse(options)
+    return _prune_onnx(model_path, output, job, data, gates, channel, masks)
 
-    eval_ds = eval_data(data, proto, prev, preprocess)
-    if gate_spec is not None and (eval_ds is None or eval_ds.labels is None):
-        raise BadInput("--max-drop", "needs labelled data to measure accuracy", "pass --data")
-    calib_name = None
-    if method == "channel":
-        calib, calib_name = calibration_data(data, proto, prev, eval_ds)
-        feeds = None
-        if calib is not None:
-            n_batches = max(1, -(-calibration_samples // CALIBRATION_BATCH))
-            feeds = [f for f, _ in calib.batches(CALIBRATION_BATCH)][:n_batches]
+
+def _step(job: PruneSettings, channel: dict, masks: dict, has_data: bool) -> Step:
+    if job.method == "channel":
+        reconstruct = job.reconstruct
         if reconstruct is None:
-            reconstruct = feeds is not None
+            reconstruct = has_data
             if not reconstruct:
                 logger.warning("no data: channels are removed without re-fitting the layers after them "
                                "(expect a large accuracy drop; pass data to reconstruct)")
-        p = PruneChannels(amount=amount, importance=importance, calibration=feeds, reconstruct=reconstruct,
-                          round_to=round_to, skip=tuple(skip), calibration_samples=calibration_samples)
-        step_name = "prune-channels"
-    else:
-        p = PruneMasks(method=method, amount=amount, threshold=threshold, scope=scope, n=n, m=m, skip=tuple(skip))
-        step_name = "prune-masks"
-    new_model, step = run_step(p, model, step_name)
-    if calib_name:
-        step["calibration_data"] = calib_name
-    step["onnxopt"] = __version__
-    out_proto = ir.serde.serialize_model(new_model)
+        return Step("prune-channels", {**channel, "reconstruct": reconstruct})
+    shared = {k: channel[k] for k in ("amount", "skip") if k in channel}
+    return Step("prune-masks", {**masks, **shared, "method": job.method})
 
+
+def _prune_onnx(model_path, output, job: PruneSettings, data: DataOptions, gates: Gates, channel: dict, masks: dict):
+    proto = load_model(model_path)
+    prev = read_sidecar(model_path)
+    refuse_quantized(ir.serde.deserialize_model(proto), str(model_path))
+    eval_ds = eval_data(data.data, proto, prev, data.preprocess)
+    gates.check_data(eval_ds, "--")
+    calib_name, feeds = None, None
+    if job.method == "channel":
+        calib, calib_name = calibration_data(data.data, proto, prev, eval_ds)
+        feeds = calibration_feeds(calib)
+    step = _step(job, channel, masks, feeds is not None)
+    out_proto, records = run_steps(proto, [step], calibration=feeds, where=None)
+    record = records[0]
+    if calib_name:
+        record["calibration_data"] = calib_name
+    record["onnxopt"] = __version__
     verification = verify_variant(proto, out_proto, eval_ds, "cpu", label="pruned", task=(prev or {}).get("task"))
-    acc = verification.get("accuracy")
-    stats = step["stats"]
+    summary = _summary(job.method, step.settings, record["stats"], proto, out_proto, calib_name)
+    return write_variant(out_proto, output, model_path, {"step": "prune", "method": job.method, "passes": [record]},
+                         verification, gates,
+                         "prune less (--amount), give more calibration data, or --skip sensitive layers"
+                         if job.method == "channel" else "prune less (--amount) or --skip sensitive layers",
+                         {"prune": summary})
+
+
+def _summary(method: str, settings: dict, stats: dict, proto, out_proto, calib_name) -> dict:
     before, after = _sizes(proto), _sizes(out_proto)
-    params_before, params_after = count_params(model), count_params(new_model)
+    params_before = count_params(ir.serde.deserialize_model(proto))
+    params_after = count_params(ir.serde.deserialize_model(out_proto))
+    amount = settings.get("amount", 0.5)
     summary = {
-        "method": method, "amount": None if method == "nm" or threshold is not None else amount,
+        "method": method, "amount": None if method == "nm" or settings.get("threshold") is not None else amount,
         "params_before": params_before, "params_after": params_after,
         "params_ratio": round(params_after / max(params_before, 1), 6),
         "bytes_before": before["bytes"], "bytes_after": after["bytes"],
@@ -185,24 +199,10 @@ def prune_onnx(
         "skipped_layers": len(stats.get("skipped", [])), "warnings": stats.get("warnings", []),
     }
     if method == "channel":
-        summary.update(importance=stats["importance"], reconstruct=stats["reconstruct"], round_to=round_to,
-                       calibration_data=calib_name, calibration_samples=stats["calibration_samples"])
+        summary.update(importance=stats["importance"], reconstruct=stats["reconstruct"],
+                       round_to=settings.get("round_to", 1), calibration_data=calib_name,
+                       calibration_samples=stats["calibration_samples"])
     else:
         summary.update(sparsity=stats["sparsity"], model_sparsity=stats["model_sparsity"],
                        pattern=stats.get("pattern"), scope=stats.get("scope"))
-    meta = lineage(model_path, {"step": "prune", "method": method, "passes": [step]})
-    meta["prune"] = summary
-    meta["verification"] = verification
-    gate = accuracy_gate(max_drop, acc)
-    if gate is not None:
-        meta["gate"] = gate
-    sidecar = save_model(out_proto, output, meta)
-    raise_if_gate_failed(gate, output, sidecar,
-                         "prune less (--amount), give more calibration data, or --skip sensitive layers"
-                         if method == "channel" else "prune less (--amount) or --skip sensitive layers")
-    return sidecar
-
-
-# Defaults of prune_onnx's options, to tell a user which flags the torch route ignores.
-PRUNE_DEFAULTS = {k: v.default for k, v in inspect.signature(prune_onnx).parameters.items()
-                  if v.default is not inspect.Parameter.empty}
+    return summary

@@ -1,13 +1,20 @@
-"""The quantize job: load an artifact, pick and run the quantization pass(es), verify, write.
+"""The quantize job: load an artifact, pick the quantization steps, run them, verify, gate, write.
 
-``quantize(model_path, output, ...)`` is what ``onnxopt quantize`` calls. ``mode="auto"`` picks
-by model family and target (see :func:`onnxopt.passes.quantize.choose_mode`); the sidecar of the
-output records the lineage (the input's steps plus this one), the settings, what ``auto`` chose
-and why, the passes' stats and the verification against the input model.
+``quantize(model_path, output, **options)`` is what ``onnxopt quantize`` calls. ``mode="auto"``
+picks by model family and target (see :func:`onnxopt.passes.quantize.choose_mode`). The steps run
+through :func:`onnxopt.runner.run_steps`; the gates are :class:`onnxopt.gates.Gates`, judged on
+the same samples as a recipe or search would. The output's sidecar records the lineage (the
+input's steps plus this one), the settings, what ``auto`` chose and why, the passes' stats, the
+verification against the input model and the gate checks.
+
+Options are declared once: the job's own in :class:`QuantizeSettings`, the data in
+:class:`onnxopt.jobs.DataOptions`, the gates in :class:`onnxopt.gates.Gates`, and the static
+quantizer's in :class:`onnxopt.passes.QuantizeStatic`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -15,33 +22,48 @@ import onnx
 import onnx_ir as ir
 
 from ._version import __version__
-from .artifact import lineage, load_model, read_sidecar, save_model
+from .artifact import load_model, read_sidecar
 from .bench import speed_ratio
-from .errors import BadInput, GateFailed, VerificationFailed, check_choice
+from .errors import BadInput, GateFailed
 from .evaluate import predict
 from .feeds import Dataset, random_feeds
-from .jobs import (VERIFY_SAMPLES, accuracy_gate, allowed_drop, calibration_data, eval_data, head,
-                   parse_max_drop, raise_if_gate_failed, run_step, verify_variant)
-from .passes import ConvertFP16, QuantizeDynamic, QuantizeStatic, QuantPreprocess, Simplify, choose_mode
-from .passes._common import looks_like_transformer, op_counts
-from .passes.quantize import METHODS, FORMATS, QTYPES, TARGETS, refuse_quantized
+from .gates import Gates, gate_data, measure
+from .jobs import DataOptions, calibration_data, eval_data, job_gates, verify_variant, write_variant
+from .options import build, check_choices, option, split
+from .passes import QuantizeStatic, choose_mode
+from .passes._common import looks_like_transformer, op_counts, refuse_quantized
+from .passes.quantize import TARGETS
+from .runner import Step, calibration_feeds, run_steps
 from .runtime import available_providers
 
-__all__ = ["quantize", "MODES", "simplify", "parse_max_drop"]
+__all__ = ["quantize", "QuantizeSettings", "MODES", "quantize_steps"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "static", "dynamic", "fp16")
 # A result timed at less than this speed-up over its input is refused as slower (5% for noise).
 SLOWER_THAN_REFERENCE = 0.95
+# The static quantizer's settings a user sets through the quantize job (the rest are the pass's).
+STATIC_OPTIONS = ("method", "per_channel", "format", "activation_type", "weight_type", "calibration_samples",
+                  "nodes_to_exclude")
 
 
-def _accuracy(proto: onnx.ModelProto, ds: Dataset, where: str) -> float:
-    out = predict(proto, ds, where=where)
-    if out.ndim != 2:
-        raise BadInput("--max-drop", f"accuracy needs class scores [batch, classes]; the model's first output "
-                       f"has shape {list(out.shape)}")
-    return float((out.argmax(1) == ds.labels).mean())
+@dataclasses.dataclass(frozen=True)
+class QuantizeSettings:
+    """The quantize job's own options (the quantizer's are :class:`QuantizeStatic`'s fields)."""
+
+    mode: str = option("auto", "auto picks by model family and target and says why.", choices=MODES)
+    target: str = option("cpu", "Where the model will run (auto picks fp16 for cuda).", choices=TARGETS)
+    fuse_transformer: bool = option(True, "Transformer fusions before dynamic INT8.", cli=False)
+    fallback: bool = option(True, "When the gate fails, leave the most sensitive nodes in float until it holds.")
+    max_float_nodes: int | None = option(None, "Cap on nodes the fallback leaves in float [default: a quarter of "
+                                         "the quantized nodes, at least 8].", type=int)
+    speed_check: bool | None = option(None, "Time the result against the input and refuse it when slower "
+                                      "[default: after a fallback].")
+
+    def __post_init__(self):
+        if self.max_float_nodes is not None and self.max_float_nodes < 1:
+            raise BadInput("--max-float-nodes", "must be >= 1")
 
 
 def _candidates(pre: onnx.ModelProto, q: onnx.ModelProto) -> set[str]:
@@ -59,20 +81,59 @@ def _candidates(pre: onnx.ModelProto, q: onnx.ModelProto) -> set[str]:
     return out
 
 
-def _fallback(pre_model: ir.Model, first: ir.Model, make_pass, step_name: str, ds: Dataset,
-              ref_acc: float, allowed: float, excluded: tuple[str, ...], max_float: int
-              ) -> tuple[ir.Model, dict, dict]:
+@dataclasses.dataclass
+class _Plan:
+    """What the job runs: steps before the quantizer (on the input), and the quantizer step as a
+    function of the nodes kept in float (the fallback re-runs it with more)."""
+
+    chosen: str
+    why: str
+    pre: list[Step]
+    quant: object  # excluded names -> Step
+    calibration: Dataset | None = None
+    calibration_name: str | None = None
+
+
+def quantize_steps(mode: str, model: ir.Model, static: dict, job: QuantizeSettings) -> tuple[str, str, list[Step], object]:
+    """(chosen mode, why, steps before the quantizer, quantizer step for excluded nodes): the
+    step list ``quantize`` runs, for a recipe to run the same."""
+    if mode == "auto":
+        chosen, why = choose_mode(model, job.target)
+    else:
+        chosen, why = mode, "requested"
+        if mode == "dynamic" and op_counts(model).get("Conv", 0) and not looks_like_transformer(model)[0]:
+            raise BadInput("--mode", "dynamic quantization makes convolutional models slower than fp32 "
+                           "(ConvInteger runs 4-10x slower than float Conv on x86)", "use --mode static")
+    if chosen == "static":
+        settings = {k: v for k, v in static.items() if k != "nodes_to_exclude"}
+        return chosen, why, [Step("quant-preprocess")], lambda excl: Step(
+            "quantize-static", {**settings, "preprocess": False, "nodes_to_exclude": excl})
+    if chosen == "dynamic":
+        pre = []
+        if job.fuse_transformer and looks_like_transformer(model)[0]:
+            # skip_layer_norm off: ORT's CPU SkipLayerNormalization kernel is slower than
+            # Add + LayerNormalization (see Simplify); dynamic INT8 only runs on the CPU.
+            pre = [Step("simplify", {"transformer": "bert", "gelu_approximation": True, "skip_layer_norm": False})]
+        per_channel = static.get("per_channel", True)
+        return chosen, why, pre, lambda excl: Step("quantize-dynamic", {"per_channel": per_channel,
+                                                                        "nodes_to_exclude": excl})
+    return chosen, why, [], lambda excl: Step("fp16", {"node_block_list": excl})
+
+
+# ---- the accuracy-aware fallback ---------------------------------------------------------------
+
+def _fallback(base: onnx.ModelProto, first: onnx.ModelProto, plan: _Plan, feeds, ds: Dataset, ref_out,
+              gates: Gates, excluded: tuple[str, ...], max_float: int) -> tuple[onnx.ModelProto | None, list, dict]:
     """Leave the most sensitive activations in float until the gate holds: rank them with
     ``qdq_loss_debug`` (see :mod:`onnxopt.passes.sensitivity`), then re-quantize with the nodes
-    around the top 1, 2, 4, ... of them excluded, never more than ``max_float`` nodes. Returns
-    (the passing or else most accurate model, its step record, the fallback report)."""
+    around the top 1, 2, 4, ... of them excluded, never more than ``max_float`` nodes. Each try is
+    judged by the same gate as the final model. Returns (the passing or else most accurate model
+    or None, its step records, the fallback report)."""
     from .passes.sensitivity import rank_sensitive_tensors
 
-    pre, q = ir.serde.serialize_model(pre_model), ir.serde.serialize_model(first)
-    cands = _candidates(pre, q) - set(excluded)
-    debug = [f for f, _ in head(ds, 32).batches(8)]
+    cands = _candidates(base, first) - set(excluded)
     ranked = []
-    for r in rank_sensitive_tensors(pre, q, debug):
+    for r in rank_sensitive_tensors(base, first, [f for f, _ in ds.head(32).batches(8)]):
         nodes = [n for n in r["nodes"] if n in cands]
         if nodes and r["loss_db"] > 0:
             ranked.append({**r, "nodes": nodes})
@@ -88,219 +149,146 @@ def _fallback(pre_model: ir.Model, first: ir.Model, make_pass, step_name: str, d
             names = grown
         if names and names != last:
             last = names
-            model, step = run_step(make_pass(tuple(excluded) + names), pre_model, step_name)
-            acc = _accuracy(ir.serde.serialize_model(model), ds, "quantized model")
-            drop = round(100 * (ref_acc - acc), 4)
-            report["trail"].append({"tensors": k, "float_nodes": len(names), "accuracy": acc, "drop_points": drop,
-                                    "passed": drop <= allowed})
-            logger.info("fallback: %d node(s) in float -> accuracy %.4f (drop %.2f points)", len(names), acc, drop)
-            if best is None or acc > best[2]:
-                best = (model, step, acc, names)
-            if drop <= allowed:
+            model, recs = run_steps(base, [plan.quant(tuple(excluded) + names)], calibration=feeds)
+            q = measure(ref_out, model, ds, "quantized model")
+            passed = all(c["passed"] for c in gates.check_quality(q))
+            report["trail"].append({"tensors": k, "float_nodes": len(names), "accuracy": q["accuracy"],
+                                    "drop_points": q["drop_points"], "passed": passed})
+            logger.info("fallback: %d node(s) in float -> accuracy %.4f (drop %.2f points)", len(names),
+                        q["accuracy"], q["drop_points"])
+            if best is None or q["accuracy"] > best[2]:
+                best = (model, recs, q["accuracy"], names)
+            if passed:
                 break
         if k == len(ranked):
             break
         k = min(2 * k, len(ranked))
     if best is None:
         report.update(kept_float=[], passed=False)
-        return first, {}, report
+        return None, [], report
     report["kept_float"] = list(best[3])
     report["passed"] = any(t["passed"] for t in report["trail"])
     return best[0], best[1], report
 
 
-def quantize(
-    model_path: str | Path,
-    output: str | Path,
-    *,
-    mode: str = "auto",
-    data=None,
-    calibration_samples: int = 128,
-    method: str = "minmax",
-    per_channel: bool = True,
-    format: str = "qdq",
-    activation_type: str = "uint8",
-    weight_type: str = "int8",
-    target: str = "cpu",
-    fuse_transformer: bool = True,
-    nodes_to_exclude: tuple[str, ...] = (),
-    max_drop: float | str | None = None,
-    fallback: bool = True,
-    max_float_nodes: int | None = None,
-    speed_check: bool | None = None,
-    preprocess: str = "imagenet",
-) -> dict:
+def _maybe_fallback(proto, base, qproto, plan, feeds, eval_ds, gates, job, excluded):
+    """Run the fallback when the gate fails on the first try; (model, its records or None, report)."""
+    ds = gate_data(eval_ds)
+    ref_out = predict(proto, ds, where="reference")
+    first = measure(ref_out, qproto, ds, "quantized model")
+    if all(c["passed"] for c in gates.check_quality(first)):
+        return qproto, None, None
+    n_quant = len(_candidates(base, qproto))
+    cap = job.max_float_nodes if job.max_float_nodes is not None else max(min(n_quant, 8), n_quant // 4)
+    fb_model, fb_recs, report = _fallback(base, qproto, plan, feeds, ds, ref_out, gates, excluded, cap)
+    report["first_try"] = {"accuracy": first["accuracy"], "drop_points": first["drop_points"]}
+    if fb_model is None:
+        return qproto, None, report
+    return fb_model, fb_recs, report
+
+
+# ---- the job -----------------------------------------------------------------------------------
+
+def _parse(options: dict) -> tuple[QuantizeSettings, DataOptions, Gates, dict]:
+    job, data, gate_opts, static = split(options, QuantizeSettings, DataOptions, Gates, QuantizeStatic)
+    job = build(QuantizeSettings, job, what="quantize")
+    data = build(DataOptions, data, what="quantize")
+    gates = job_gates(gate_opts)
+    check_choices(QuantizeStatic, static)
+    return job, data, gates, static
+
+
+def _plan(model: ir.Model, proto, prev, job: QuantizeSettings, data: DataOptions, static: dict, eval_ds) -> _Plan:
+    chosen, why, pre, quant = quantize_steps(job.mode, model, static, job)
+    plan = _Plan(chosen, why, pre, quant)
+    if chosen == "static":
+        plan.calibration, plan.calibration_name = calibration_data(data.data, proto, prev, eval_ds)
+        if plan.calibration is None:
+            raise BadInput("--data", "static quantization needs calibration data",
+                           "pass --data digits, an .npz file, an image folder or module:function")
+    return plan
+
+
+def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
     """Quantize the ONNX model at ``model_path`` and write it (and its sidecar) to ``output``.
 
-    * ``mode``: auto | static | dynamic | fp16.
-    * ``data``: calibration/evaluation data: a built-in dataset name (``digits``), an ``.npz``/``.npy``
-      file, a folder of images, ``module:function`` returning data, or a
-      :class:`onnxopt.feeds.Dataset` (see :func:`onnxopt.feeds.load_dataset`); defaults to the
-      dataset in the input's sidecar. Static quantization needs it. ``digits`` calibrates on the
-      train split and evaluates on the test split; other data is used for both. ``preprocess``
-      (imagenet | unit | raw) says how an image folder becomes input tensors.
-    * ``method``, ``per_channel``, ``format``, ``activation_type``, ``weight_type``,
-      ``calibration_samples``: static options (see :class:`onnxopt.passes.QuantizeStatic`);
-      ``per_channel`` also applies to dynamic.
-    * ``target``: cpu | cuda (auto picks fp16 for cuda).
-    * ``max_drop``: accuracy gate on labelled data: points (``0.5``, ``"0.5pt"``, ``"1%"``) or
-      relative to the reference accuracy (``"2%rel"``).
-    * ``fallback`` (True): when the gate fails, rank nodes by the accuracy they lose
-      (``qdq_loss_debug``) and leave the most sensitive in float until the gate holds -- at most
-      ``max_float_nodes`` (default: a quarter of the quantized nodes, at least 8).
-    * ``speed_check``: time the result against the input side by side and refuse it (GateFailed)
-      when it is slower; ``None`` = only when the fallback left nodes in float.
+    Options (each declared once, with its help text, as a dataclass field):
+
+    * :class:`QuantizeSettings`: ``mode`` (auto | static | dynamic | fp16), ``target`` (cpu |
+      cuda), ``fallback`` (True: when the gate fails, rank nodes by the accuracy they lose and leave
+      the most sensitive in float until it holds, at most ``max_float_nodes``), ``speed_check``
+      (time the result against the input and refuse it when slower; None = after a fallback).
+    * :class:`onnxopt.jobs.DataOptions`: ``data`` -- a built-in dataset name (``digits``), an
+      ``.npz``/``.npy`` file, a folder of images, ``module:function`` or a Dataset; defaults to the
+      input's sidecar dataset. ``digits`` calibrates on the train split and evaluates on the test
+      split. ``preprocess`` (imagenet | unit | raw) for image folders.
+    * :class:`onnxopt.gates.Gates`: ``max_drop`` (points ``0.5``/``"1%"`` or relative
+      ``"2%rel"``), ``min_agreement``, ``min_cosine``, ``max_size_mb``.
+    * :class:`onnxopt.passes.QuantizeStatic`: ``method``, ``per_channel``, ``format``,
+      ``activation_type``, ``weight_type``, ``calibration_samples``, ``nodes_to_exclude``.
 
     Raises GateFailed (exit 3; the model is still written, with the verification in the sidecar)
-    when the gate or the speed check fails. Returns the output's sidecar dict (``steps[-1]`` is this
-    step; ``quantize`` says what ran and why; ``verification`` holds agreement and accuracy;
-    ``fallback`` the ranking, the trail and the nodes kept in float).
+    when a gate or the speed check fails. Returns the output's sidecar dict.
     """
-    check_choice(mode, MODES, "--mode")
-    check_choice(target, TARGETS, "--target")
-    for value, allowed, flag in ((method, METHODS, "--method"), (format, FORMATS, "--format"),
-                                 (activation_type, QTYPES, "--activation-type"),
-                                 (weight_type, QTYPES, "--weight-type")):
-        check_choice(value, allowed, flag)
-    gate_spec = parse_max_drop(max_drop)
-    if max_float_nodes is not None and max_float_nodes < 1:
-        raise BadInput("--max-float-nodes", "must be >= 1")
+    job, data, gates, static = _parse(options)
     proto = load_model(model_path)
     prev = read_sidecar(model_path)
     model = ir.serde.deserialize_model(proto)
     refuse_quantized(model, str(model_path))
-
-    if mode == "auto":
-        chosen, why = choose_mode(model, target)
-    else:
-        chosen, why = mode, "requested"
-        if mode == "dynamic" and op_counts(model).get("Conv", 0) and not looks_like_transformer(model)[0]:
-            raise BadInput("--mode", "dynamic quantization makes convolutional models slower than fp32 "
-                           "(ConvInteger runs 4-10x slower than float Conv on x86)", "use --mode static")
-    eval_ds = eval_data(data, proto, prev, preprocess)
-    if gate_spec is not None and (eval_ds is None or eval_ds.labels is None):
-        raise BadInput("--max-drop", "needs labelled data to measure accuracy", "pass --data")
-
-    steps: list[dict] = []
-    excluded = tuple(nodes_to_exclude)
-    if chosen == "static":
-        calib, calib_name = calibration_data(data, proto, prev, eval_ds)
-        if calib is None:
-            raise BadInput("--data", "static quantization needs calibration data",
-                           "pass --data digits, an .npz file, an image folder or module:function")
-        feeds = [f for f, _ in calib.batches(32)][: max(1, -(-calibration_samples // 32))]
-        base, step = run_step(QuantPreprocess(), model, "quant-preprocess")
-        steps.append(step)
-
-        def make_pass(excl):
-            return QuantizeStatic(calibration=feeds, method=method, per_channel=per_channel, format=format,
-                                  activation_type=activation_type, weight_type=weight_type, preprocess=False,
-                                  calibration_samples=calibration_samples, nodes_to_exclude=excl)
-        step_name = "quantize-static"
-    elif chosen == "dynamic":
-        base = model
-        if fuse_transformer and looks_like_transformer(model)[0]:
-            # skip_layer_norm off: ORT's CPU SkipLayerNormalization kernel is slower than
-            # Add + LayerNormalization (see Simplify); dynamic INT8 only runs on the CPU.
-            base, step = run_step(Simplify(transformer="bert", gelu_approximation=True, skip_layer_norm=False),
-                                  model, "simplify")
-            steps.append(step)
-
-        def make_pass(excl):
-            return QuantizeDynamic(per_channel=per_channel, nodes_to_exclude=excl)
-        step_name = "quantize-dynamic"
-    else:
-        base = model
-
-        def make_pass(excl):
-            return ConvertFP16(node_block_list=excl)
-        step_name = "fp16"
+    eval_ds = eval_data(data.data, proto, prev, data.preprocess)
+    gates.check_data(eval_ds, "--")
+    plan = _plan(model, proto, prev, job, data, static, eval_ds)
+    feeds = calibration_feeds(plan.calibration)
+    excluded = tuple(static.get("nodes_to_exclude", ()))
+    base, records = run_steps(proto, plan.pre, calibration=feeds, where=None)
     if excluded:
         _check_excluded(base, excluded)
-    qmodel, step = run_step(make_pass(excluded), base, step_name)
-    if chosen == "static":
-        step["calibration_data"] = calib_name
-
-    provider = "cuda" if chosen == "fp16" and "cuda" in available_providers() else "cpu"
+    qproto, qrecs = run_steps(base, [plan.quant(excluded)], calibration=feeds, where=None)
+    provider = "cuda" if plan.chosen == "fp16" and "cuda" in available_providers() else "cpu"
     fb_report = None
-    if gate_spec is not None and fallback and chosen != "fp16" and provider == "cpu":
-        ds = head(eval_ds, VERIFY_SAMPLES)
-        ref_acc = _accuracy(proto, ds, "reference")
-        allowed = allowed_drop(gate_spec, ref_acc)
-        first_acc = _accuracy(ir.serde.serialize_model(qmodel), ds, "quantized model")
-        if 100 * (ref_acc - first_acc) > allowed:
-            n_quant = len(_candidates(ir.serde.serialize_model(base), ir.serde.serialize_model(qmodel)))
-            cap = max_float_nodes if max_float_nodes is not None else max(min(n_quant, 8), n_quant // 4)
-            fb_model, fb_step, fb_report = _fallback(base, qmodel, make_pass, step_name, ds, ref_acc, allowed,
-                                                     excluded, cap)
-            fb_report["first_try"] = {"accuracy": first_acc, "drop_points": round(100 * (ref_acc - first_acc), 4)}
-            if fb_step:
-                qmodel, step = fb_model, fb_step
-                if chosen == "static":
-                    step["calibration_data"] = calib_name
-    steps.append(step)
+    if gates.max_drop is not None and job.fallback and plan.chosen != "fp16" and provider == "cpu":
+        qproto, fb_recs, fb_report = _maybe_fallback(proto, base, qproto, plan, feeds, eval_ds, gates, job, excluded)
+        qrecs = fb_recs or qrecs
+    return _write(model_path, output, proto, qproto, records + qrecs, plan, job, eval_ds, gates, provider,
+                  fb_report, prev)
 
-    out_proto = ir.serde.serialize_model(qmodel)
+
+def _write(model_path, output, proto, out_proto, records, plan: _Plan, job: QuantizeSettings, eval_ds, gates,
+           provider, fb_report, prev) -> dict:
+    for r in records:
+        r["onnxopt"] = __version__
+        if r["step"] == "quantize-static":
+            r["calibration_data"] = plan.calibration_name
     verification = verify_variant(proto, out_proto, eval_ds, provider, task=(prev or {}).get("task"))
-    decision = {"mode": mode, "chosen": chosen, "why": why, "target": target}
-    for s in steps:
-        s["onnxopt"] = __version__
-    meta = lineage(model_path, {"step": "quantize", **decision, "passes": steps})
-    meta["quantize"] = decision
-    meta["verification"] = verification
+    decision = {"mode": job.mode, "chosen": plan.chosen, "why": plan.why, "target": job.target}
+    extra: dict = {"quantize": decision}
     if fb_report is not None:
-        meta["fallback"] = fb_report
+        extra["fallback"] = fb_report
     kept_float = bool(fb_report and fb_report.get("kept_float"))
     speed = None
-    if (speed_check or (speed_check is None and kept_float)) and provider == "cpu":
+    if (job.speed_check or (job.speed_check is None and kept_float)) and provider == "cpu":
         speed = speed_ratio(proto, out_proto, random_feeds(proto, batch=1, seq=128, seed=0))
         speed["passed"] = speed["speedup"] >= SLOWER_THAN_REFERENCE
-        meta["speed_check"] = speed
-    acc = verification.get("accuracy")
-    gate = accuracy_gate(max_drop, acc)
-    if gate is not None:
-        meta["gate"] = gate
-    sidecar = save_model(out_proto, output, meta)
+        extra["speed_check"] = speed
     if fb_report is not None:
         hint = (f"even with {len(fb_report['kept_float'])} node(s) left in float the gate does not hold; "
                 "try --method entropy, more --calibration-samples, or a larger --max-float-nodes")
     else:
         hint = ("try --method entropy; the fallback (on by default) leaves the most sensitive nodes "
-                "in float" if not fallback else "fp16 has no fallback; block ops with --exclude")
-    raise_if_gate_failed(gate, output, sidecar, hint)
+                "in float" if not job.fallback else "fp16 has no fallback; block ops with --exclude")
+    sidecar = write_variant(out_proto, output, model_path, {"step": "quantize", **decision, "passes": records},
+                            verification, gates, hint, extra)
     if speed and not speed["passed"]:
-        err = GateFailed(str(output), f"the quantized model is slower than the input ({speed['speedup']:.2f}x "
+        raise GateFailed(str(output), f"the quantized model is slower than the input ({speed['speedup']:.2f}x "
                          "at batch 1)", "fewer nodes in float (--max-float-nodes) or a looser --max-drop",
                          report=sidecar)
-        raise err
     return sidecar
 
 
-def _check_excluded(model: ir.Model, names: tuple[str, ...]) -> None:
-    known = {n.name for n in model.graph}
+def _check_excluded(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
+    known = {n.name for n in model.graph.node}
     missing = [n for n in names if n not in known]
     if missing:
         raise BadInput("--exclude", f"no node named {', '.join(repr(m) for m in missing)} in the graph",
                        f"node names look like {', '.join(repr(n) for n in sorted(known)[:3])}")
 
-
-def simplify(model_path: str | Path, output: str | Path, *, level: str = "basic", transformer: str = "auto",
-             num_heads: int = 0, hidden_size: int = 0, gelu_approximation: bool = False,
-             skip_layer_norm: bool = True) -> dict:
-    """Run :class:`onnxopt.passes.Simplify`, verify against the input (random inputs), write with
-    lineage. Returns the output's sidecar (``steps[-1]["stats"]`` has fusions and op counts)."""
-    p = Simplify(level=level, transformer=transformer, num_heads=num_heads, hidden_size=hidden_size,
-                 gelu_approximation=gelu_approximation, skip_layer_norm=skip_layer_norm)
-    proto = load_model(model_path)
-    model, step = run_step(p, ir.serde.deserialize_model(proto), "simplify")
-    out_proto = ir.serde.serialize_model(model)
-    verification = verify_variant(proto, out_proto, None, "cpu", label="simplified",
-                                  task=(read_sidecar(model_path) or {}).get("task"))
-    for case in verification.get("cases", []):
-        if case.get("cosine_min", 1.0) < 0.999:
-            raise VerificationFailed(str(output), f"simplified model disagrees with the input on "
-                                     f"{case['case']} (cosine {case['cosine_min']:.5f})")
-    step["onnxopt"] = __version__
-    meta = lineage(model_path, step)
-    meta["verification"] = verification
-    return save_model(out_proto, output, meta)

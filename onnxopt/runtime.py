@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx
 
-from .errors import BadInput, MissingDependency, first_line
+from .errors import BadInput, InternalError, MissingDependency, first_line
 
 __all__ = ["PROVIDERS", "available_providers", "make_session", "run"]
 
@@ -31,11 +31,24 @@ def available_providers() -> list[str]:
     return [short for short, full in PROVIDERS.items() if full in have]
 
 
-def make_session(model, provider: str = "cpu", threads: int | None = None, where: str = "model"):
+def _failed(where: str, loading: bool, e: Exception, produced: bool):
+    """ONNX Runtime failing on a file the user gave is bad input (exit 2); on a file onnxopt
+    produced it is onnxopt's bug (exit 1, with the traceback)."""
+    if produced:
+        return InternalError(where, f"ONNX Runtime cannot {'load' if loading else 'run'} this model onnxopt "
+                             f"produced: {first_line(e)}",
+                             "this is a bug in onnxopt; please report it with the input model")
+    what = "cannot load the model" if loading else "failed to run it on the given inputs"
+    return BadInput(where, f"ONNX Runtime {what}: {first_line(e)}")
+
+
+def make_session(model, provider: str = "cpu", threads: int | None = None, where: str = "model",
+                 produced: bool = False):
     """An inference session with spinning off (several sessions interleave fairly on few cores),
     sequential execution and the requested intra-op thread count.
 
     ``model`` is a path, an ``onnx.ModelProto``, or the bytes of an ONNX or ORT-format model.
+    ``produced``: onnxopt wrote it (see :func:`_failed`).
     """
     rt = ort()
     opts = rt.SessionOptions()
@@ -58,11 +71,13 @@ def make_session(model, provider: str = "cpu", threads: int | None = None, where
     try:
         return rt.InferenceSession(src, sess_options=opts, providers=providers)
     except Exception as e:
-        raise BadInput(where, f"ONNX Runtime cannot load the model: {first_line(e)}") from None
+        err = _failed(where, True, e, produced)
+        raise err from (e if produced else None)
 
 
-def run(session, feeds: dict[str, np.ndarray], where: str = "model") -> list[np.ndarray]:
+def run(session, feeds: dict[str, np.ndarray], where: str = "model", produced: bool = False) -> list[np.ndarray]:
     try:
         return session.run(None, feeds)
     except Exception as e:
-        raise BadInput(where, f"ONNX Runtime failed to run it on the given inputs: {first_line(e)}") from None
+        err = _failed(where, False, e, produced)
+        raise err from (e if produced else None)

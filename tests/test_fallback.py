@@ -13,7 +13,8 @@ from onnxopt.errors import BadInput, GateFailed
 from onnxopt.feeds import load_dataset
 from onnxopt.passes import QuantizeStatic, QuantPreprocess
 from onnxopt.passes.sensitivity import channel_sqnr, rank_sensitive_tensors
-from onnxopt.quantize import parse_max_drop, quantize
+from onnxopt.gates import parse_max_drop
+from onnxopt.quantize import quantize
 from onnxopt.runtime import make_session
 
 

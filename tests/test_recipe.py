@@ -12,7 +12,10 @@ import pytest
 
 from onnxopt.bench import BenchSettings
 from onnxopt.errors import BadInput, GateFailed
-from onnxopt.recipe import Gates, load_recipe, pareto_front, run_recipe, run_steps, search
+from onnxopt.gates import Gates
+from onnxopt.recipe import load_recipe, run_recipe
+from onnxopt.runner import run_steps
+from onnxopt.search import pareto_front, search
 from onnxopt.runtime import make_session
 from test_cli import _assert_clean_error, run_cli
 from test_quantize import make_cnn
@@ -191,12 +194,12 @@ def test_quality_of_an_embedding_uses_cosine_not_top1():
     from conftest import make_mlp
 
     from onnxopt.feeds import Dataset
-    from onnxopt.recipe import _quality
+    from onnxopt.gates import measure
     from onnxopt.runtime import make_session
 
     proto = make_mlp(0)
     ds = Dataset("x", {"x": np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)})
     ref_out = make_session(proto).run(None, ds.inputs)[0]
-    assert _quality(ref_out, proto, ds, "m")["agreement_kind"] == "top-1 agreement"  # guessed from shape
-    q = _quality(ref_out, proto, ds, "m", classification=False)
+    assert measure(ref_out, proto, ds, "m")["agreement_kind"] == "top-1 agreement"  # guessed from shape
+    q = measure(ref_out, proto, ds, "m", classification=False)
     assert q["agreement_kind"] == "min cosine" and q["agreement"] == pytest.approx(1.0)

@@ -64,7 +64,7 @@ def test_bad_options(kwargs, flag, text):
 
 
 def test_simplify_job_writes_lineage(tmp_path):
-    from onnxopt.quantize import simplify
+    from onnxopt.apply import simplify
 
     src = tmp_path / "mlp.onnx"
     onnx.save(make_mlp(constant_weights=True), src)

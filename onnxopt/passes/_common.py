@@ -1,13 +1,19 @@
-"""What every onnxopt pass shares: the result type with stats, op counts, model-family checks."""
+"""What every onnxopt pass shares: the base class (settings from the dataclass fields, the
+``requires`` precondition), the result type with stats, op counts, model-family checks."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from typing import ClassVar
 
 import onnx_ir as ir
 
-__all__ = ["PassResult", "op_counts", "quantized_ops", "looks_like_transformer", "QUANTIZED_OPS"]
+from ..errors import BadInput, InternalError, OnnxoptError, first_line
+from ..options import settings_of
+
+__all__ = ["OnnxoptPass", "PassResult", "op_counts", "quantized_ops", "looks_like_transformer", "refuse_quantized",
+           "QUANTIZED_OPS"]
 
 # Op types that only a quantized model contains.
 QUANTIZED_OPS = frozenset({
@@ -25,6 +31,59 @@ class PassResult(ir.passes.PassResult):
     the pass did (e.g. ``{"ops_before": {...}, "ops_after": {...}, "fusions": {...}}``)."""
 
     stats: dict = dataclasses.field(default_factory=dict)
+
+
+class OnnxoptPass(ir.passes.FunctionalPass):
+    """Base of onnxopt's passes: a frozen dataclass whose fields (made with
+    :func:`onnxopt.options.option`, help text in the metadata) are its settings -- the only place an
+    option is declared; the CLI, recipes and the search read them.
+
+    * ``requires(model)`` is the precondition onnx-ir checks before ``call``: a ``BadInput`` there
+      is the user's model not fitting the pass (exit 2). By default a pass refuses an already
+      quantized model (``refuses_quantized``).
+    * ``ensures(model)`` is the postcondition after ``call``: a failure there is onnxopt's bug
+      (the runner reports it as :class:`onnxopt.errors.InternalError`, exit 1).
+    * ``needs_calibration``: the pass has a data field (:func:`onnxopt.options.data_field`) the
+      runner fills with calibration feeds.
+    """
+
+    refuses_quantized: ClassVar[bool] = True
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(f.metadata.get("data") for f in dataclasses.fields(self))
+
+    def settings(self) -> dict:
+        """The options as recorded in a sidecar (everything but the data)."""
+        return settings_of(self)
+
+    def requires(self, model: ir.Model) -> None:
+        if self.refuses_quantized:
+            refuse_quantized(model, "model")
+
+    def __call__(self, model_or_result, /) -> PassResult:
+        # onnx-ir wraps what requires/ensures raise in Pre/PostconditionError; unwrap it into
+        # onnxopt's exit-code classes: a failed precondition is the input's fault (as raised,
+        # usually BadInput, exit 2), a failed postcondition is onnxopt's (InternalError, exit 1).
+        try:
+            return super().__call__(model_or_result)
+        except ir.passes.PreconditionError as e:
+            if isinstance(e.__cause__, OnnxoptError):
+                raise e.__cause__ from None
+            raise
+        except ir.passes.PostconditionError as e:
+            cause = e.__cause__
+            if isinstance(cause, InternalError):
+                raise cause from None
+            raise InternalError(type(self).__name__, f"broke its own postcondition: {first_line(cause or e)}",
+                                "this is a bug in onnxopt; please report it with the input model") from cause
+
+
+def refuse_quantized(model: ir.Model, where: str) -> None:
+    found = quantized_ops(model)
+    if found:
+        ops = ", ".join(f"{k} x{v}" for k, v in found.items())
+        raise BadInput(where, f"is already quantized ({ops})", "quantize the float model it was made from")
 
 
 def op_counts(model: ir.Model) -> dict[str, int]:

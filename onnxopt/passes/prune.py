@@ -40,13 +40,13 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (TopologicalSortPass, ShapeInferencePass)
 
-from ..errors import BadInput, VerificationFailed, check_choice, first_line
+from ..errors import BadInput, InternalError, check_choice, first_line
 from ..feeds import Dataset, cast_feeds, check_feeds
-from ._common import PassResult, op_counts
+from ..options import data_field, option
+from ._common import OnnxoptPass, PassResult, op_counts
 from ._ort import to_proto
 from ._prune_fit import Capture, FitTarget, batch_size, reconstruct
 from ._prune_graph import PRUNABLE_OPS, Analysis, ConstWriter, const_source, analyze, apply, const_array, dims
-from .quantize import refuse_quantized
 
 __all__ = ["PruneMasks", "PruneChannels", "channels_to_keep", "count_params", "MASK_METHODS", "IMPORTANCES",
            "SCOPES"]
@@ -169,7 +169,7 @@ def _nm_mask(w: np.ndarray, axis: int, n: int, m: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneMasks(ir.passes.FunctionalPass):
+class PruneMasks(OnnxoptPass):
     """Zero weights of Conv/Gemm/MatMul layers (shapes unchanged; the gain is compressed size).
 
     Options:
@@ -189,14 +189,15 @@ class PruneMasks(ir.passes.FunctionalPass):
     tensors are never touched. Layers left alone are listed in ``stats["skipped"]`` with a reason.
     """
 
-    method: str = "magnitude"
-    amount: float = 0.5
-    threshold: float | None = None
-    scope: str = "layer"
-    n: int = 2
-    m: int = 4
-    skip: tuple[str, ...] = ()
-    op_types: tuple[str, ...] = PRUNABLE_OPS
+    method: str = option("magnitude", "magnitude: the smallest weights by |w|; nm: N of every M kept.",
+                         choices=MASK_METHODS)
+    amount: float = option(0.5, "Fraction of the weights zeroed.")
+    threshold: float | None = option(None, "Zero |w| below this instead of --amount.", type=float)
+    scope: str = option("layer", "One threshold per layer or one for all layers.", choices=SCOPES)
+    n: int = option(2, "N of the N:M pattern.")
+    m: int = option(4, "M of the N:M pattern.")
+    skip: tuple[str, ...] = option((), "fnmatch pattern of node names left alone (repeatable).")
+    op_types: tuple[str, ...] = option(PRUNABLE_OPS, "Layer op types pruned.", flag="--op-type", cli=False)
 
     def __post_init__(self):
         check_choice(self.method, MASK_METHODS, "--method")
@@ -221,11 +222,7 @@ class PruneMasks(ir.passes.FunctionalPass):
             raise BadInput("--op-types", f"{', '.join(bad) or 'nothing'}: choose from {', '.join(PRUNABLE_OPS)}")
         object.__setattr__(self, "op_types", ops)
 
-    def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
     def call(self, model: ir.Model) -> PassResult:
-        refuse_quantized(model, "model")
         work = model.clone()
         ops_before = op_counts(work)
         warnings = _skip_warnings(work, self.skip)
@@ -468,7 +465,7 @@ def _matmul_bias_add(node: ir.Node) -> tuple[ir.Node, int] | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneChannels(ir.passes.FunctionalPass):
+class PruneChannels(OnnxoptPass):
     """Structured channel pruning: remove ``amount`` of the output channels of every prunable
     group of Conv/Gemm/MatMul layers (and the matching inputs of their consumers).
 
@@ -495,15 +492,18 @@ class PruneChannels(ir.passes.FunctionalPass):
     reason. A model with no prunable group is refused (BadInput).
     """
 
-    amount: float = 0.5
-    importance: str = "auto"
-    calibration: Any = dataclasses.field(default=None, compare=False, repr=False)
-    reconstruct: bool = True
-    round_to: int = 1
-    skip: tuple[str, ...] = ()
-    calibration_samples: int = 256
-    ridge: float | None = None
-    max_rows: int = 40_000
+    amount: float = option(0.5, "Fraction of each coupled group's channels removed.",
+                           search=(0.1, 0.25, 0.4, 0.5))
+    importance: str = option("auto", "Channel score; auto = activation-aware with data, else L2.",
+                             choices=IMPORTANCES)
+    calibration: Any = data_field()
+    reconstruct: bool = option(True, "Re-fit the layers after pruned channels by least squares on the data.")
+    round_to: int = option(1, "Kept channel counts rounded to a multiple.")
+    skip: tuple[str, ...] = option((), "fnmatch pattern of node names left alone (repeatable).")
+    calibration_samples: int = option(256, "At most this many calibration samples are used.")
+    ridge: float | None = option(None, "Ridge of the re-fit, relative to the mean input energy [default: chosen "
+                                 "per layer on held-out samples].", type=float, cli=False)
+    max_rows: int = option(40_000, "Sampled im2col rows per fitted layer.", cli=False)
 
     def __post_init__(self):
         object.__setattr__(self, "amount", _check_amount(self.amount))
@@ -520,11 +520,15 @@ class PruneChannels(ir.passes.FunctionalPass):
             raise BadInput("--data", f"{what} needs calibration data",
                            "pass a dataset (e.g. --data digits or an .npz file), or turn reconstruction off")
 
-    def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "calibration"}
+    def requires(self, model: ir.Model) -> None:
+        super().requires(model)
+        object.__setattr__(self, "_input", model)  # for ensures(): what strict inference said of it
+
+    def ensures(self, model: ir.Model) -> None:
+        original = self.__dict__.pop("_input", None)
+        self._check(model, original)
 
     def call(self, model: ir.Model) -> PassResult:
-        refuse_quantized(model, "model")
         feeds = _prepare_feeds(self.calibration, model, int(self.calibration_samples))
         importance = self.importance if self.importance != "auto" else ("activation" if feeds else "l2")
         work = model.clone()
@@ -579,7 +583,6 @@ class PruneChannels(ir.passes.FunctionalPass):
         for v in _all_values(work):
             if id(v) not in had_shape and not v.is_graph_input() and not v.is_graph_output():
                 v.shape = None
-        self._check(work, model)
         after = _layer_shapes(work)
         layers = []
         for node, b in before.items():
@@ -653,25 +656,26 @@ class PruneChannels(ir.passes.FunctionalPass):
                                      None if axis_keep is None else axis_keep[1], bias_add))
         return targets
 
-    def _check(self, model: ir.Model, original: ir.Model) -> None:
-        """The pruned graph must pass the checker and strict shape inference (a bug otherwise);
-        strict inference is only asked of graphs whose input passed it."""
+    def _check(self, model: ir.Model, original: ir.Model | None) -> None:
+        """The pruned graph must pass the checker and strict shape inference (onnxopt's bug
+        otherwise: InternalError); strict inference is only asked of graphs whose input passed it."""
         proto = to_proto(model)
         if proto.ByteSize() >= 2**31 - 1:
             return
         try:
             onnx.checker.check_model(proto)
         except Exception as e:  # onnx raises several kinds
-            raise VerificationFailed("channel pruning", f"the pruned graph is invalid: {first_line(e)}") from None
+            raise InternalError("channel pruning", f"the pruned graph is invalid: {first_line(e)}") from e
         try:
             onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
         except Exception as e:
             try:
-                onnx.shape_inference.infer_shapes(to_proto(original), check_type=True, strict_mode=True)
+                if original is not None:
+                    onnx.shape_inference.infer_shapes(to_proto(original), check_type=True, strict_mode=True)
             except Exception:
                 return  # the input already fails strict inference (e.g. custom ops): nothing to compare
-            raise VerificationFailed("channel pruning", f"the pruned graph fails shape inference: "
-                                     f"{first_line(e)}") from None
+            raise InternalError("channel pruning", f"the pruned graph fails shape inference: "
+                                f"{first_line(e)}") from e
 
 
 

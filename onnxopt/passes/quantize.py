@@ -36,7 +36,8 @@ import onnx_ir as ir
 
 from ..errors import BadInput, check_choice, first_line
 from ..feeds import cast_feeds, check_feeds
-from ._common import PassResult, looks_like_transformer, op_counts, quantized_ops
+from ..options import data_field, option
+from ._common import OnnxoptPass, PassResult, looks_like_transformer, op_counts, quantized_ops, refuse_quantized
 from ._ort import to_proto, via_ort
 
 __all__ = [
@@ -76,12 +77,6 @@ TARGETS = ("cpu", "cuda")
 FP16_BLOCK_LIST = ("Pow", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
                    "Exp", "Log", "Range", "CumSum", "TopK", "NonMaxSuppression")
 
-
-def refuse_quantized(model: ir.Model, where: str) -> None:
-    found = quantized_ops(model)
-    if found:
-        ops = ", ".join(f"{k} x{v}" for k, v in found.items())
-        raise BadInput(where, f"is already quantized ({ops})", "quantize the float model it was made from")
 
 
 class CalibrationFeeds:
@@ -189,7 +184,7 @@ def _preprocess(src: Path, dst: Path) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantPreprocess(ir.passes.FunctionalPass):
+class QuantPreprocess(OnnxoptPass):
     """``onnxruntime.quantization.shape_inference.quant_pre_process`` as a pass of its own: shape
     inference and ORT's basic fusions (Conv+BatchNorm and the like) before static quantization.
 
@@ -197,11 +192,7 @@ class QuantPreprocess(ir.passes.FunctionalPass):
     the quantized model with the very float graph the quantizer saw (same node names).
     """
 
-    def settings(self) -> dict:
-        return {}
-
     def call(self, model: ir.Model) -> PassResult:
-        refuse_quantized(model, "model")
         before = op_counts(model)
         new, how = via_ort(model, lambda s, d, w: _preprocess(s, d), where="quant_pre_process")
         after = op_counts(new)
@@ -211,7 +202,7 @@ class QuantPreprocess(ir.passes.FunctionalPass):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeStatic(ir.passes.FunctionalPass):
+class QuantizeStatic(OnnxoptPass):
     """Static (calibrated) INT8 quantization with ``onnxruntime.quantization.quantize_static``.
 
     Options (defaults = the measured x86-CPU expert choice):
@@ -228,19 +219,20 @@ class QuantizeStatic(ir.passes.FunctionalPass):
     * ``op_types``: op types to quantize (empty: every op ORT can quantize).
     """
 
-    calibration: Any = dataclasses.field(default=None, compare=False, repr=False)
-    method: str = "minmax"
-    per_channel: bool = True
-    format: str = "qdq"
-    activation_type: str = "uint8"
-    weight_type: str = "int8"
-    symmetric_activations: bool = False
-    reduce_range: bool = False
-    calibration_samples: int = 128
-    calibration_stride: int = 16
-    preprocess: bool = True
-    nodes_to_exclude: tuple[str, ...] = ()
-    op_types: tuple[str, ...] = ()
+    calibration: Any = data_field()
+    method: str = option("minmax", "Static calibration method.", choices=METHODS)
+    per_channel: bool = option(True, "Weight scales per output channel.", off_flag="--per-tensor")
+    format: str = option("qdq", "qdq: QuantizeLinear/DequantizeLinear pairs (ORT fuses them); qoperator: "
+                         "QLinear* ops.", choices=FORMATS, search=("qdq", "qoperator"))
+    activation_type: str = option("uint8", "Activation type.", choices=QTYPES)
+    weight_type: str = option("int8", "Weight type.", choices=QTYPES)
+    symmetric_activations: bool = option(False, "Symmetric activation ranges.", cli=False)
+    reduce_range: bool = option(False, "7-bit weights (only for U8S8 on CPUs without VNNI).", cli=False)
+    calibration_samples: int = option(128, "At most this many calibration samples are used.")
+    calibration_stride: int = option(16, "Calibration samples held in memory at once.", cli=False)
+    preprocess: bool = option(True, "Run quant_pre_process first.", cli=False)
+    nodes_to_exclude: tuple[str, ...] = option((), "Node name to leave in float (repeatable).", flag="--exclude")
+    op_types: tuple[str, ...] = option((), "Op types to quantize [default: every op ORT can].", cli=False)
 
     def __post_init__(self):
         check_choice(self.method, METHODS, "--method")
@@ -262,12 +254,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
         object.__setattr__(self, "op_types", tuple(self.op_types))
 
-    def settings(self) -> dict:
-        """The options as recorded in a sidecar (everything but the data)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "calibration"}
-
     def call(self, model: ir.Model) -> PassResult:
-        refuse_quantized(model, "model")
         before = op_counts(model)
         proto = to_proto(model)
         if isinstance(self.calibration, CalibrationFeeds):
@@ -319,7 +306,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeDynamic(ir.passes.FunctionalPass):
+class QuantizeDynamic(OnnxoptPass):
     """Dynamic INT8 quantization (weights int8 offline, activations quantized at run time).
 
     Options: ``per_channel`` (True), ``weight_type`` (int8), ``op_types`` (MatMul, Attention --
@@ -328,11 +315,12 @@ class QuantizeDynamic(ir.passes.FunctionalPass):
     fusions some tensors have no type information and ORT's quantizer fails without it.
     """
 
-    per_channel: bool = True
-    weight_type: str = "int8"
-    op_types: tuple[str, ...] = ("MatMul", "Attention")
-    nodes_to_exclude: tuple[str, ...] = ()
-    reduce_range: bool = False
+    per_channel: bool = option(True, "Weight scales per output channel.", off_flag="--per-tensor")
+    weight_type: str = option("int8", "Weight type.", choices=QTYPES)
+    op_types: tuple[str, ...] = option(("MatMul", "Attention"), "Op types to quantize (repeatable).",
+                                       flag="--op-type")
+    nodes_to_exclude: tuple[str, ...] = option((), "Node name to leave in float (repeatable).", flag="--exclude")
+    reduce_range: bool = option(False, "7-bit weights (only for CPUs without VNNI).", cli=False)
 
     def __post_init__(self):
         check_choice(self.weight_type, QTYPES, "--weight-type")
@@ -341,11 +329,7 @@ class QuantizeDynamic(ir.passes.FunctionalPass):
         if not self.op_types:
             raise BadInput("--op-types", "needs at least one op type to quantize")
 
-    def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
     def call(self, model: ir.Model) -> PassResult:
-        refuse_quantized(model, "model")
         before = op_counts(model)
         new, _ = via_ort(model, self._quantize, where="quantize")
         return PassResult(new, modified=True, stats=_quant_stats(before, new))
@@ -364,7 +348,7 @@ class QuantizeDynamic(ir.passes.FunctionalPass):
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvertFP16(ir.passes.FunctionalPass):
+class ConvertFP16(OnnxoptPass):
     """Float32 -> float16 for CUDA with ``onnxruntime.transformers.float16``.
 
     Options: ``keep_io_types`` (True: inputs/outputs stay float32, so callers need no change),
@@ -372,19 +356,16 @@ class ConvertFP16(ir.passes.FunctionalPass):
     precision in fp16), ``node_block_list``.
     """
 
-    keep_io_types: bool = True
-    op_block_list: tuple[str, ...] = FP16_BLOCK_LIST
-    node_block_list: tuple[str, ...] = ()
+    keep_io_types: bool = option(True, "Inputs and outputs stay float32, so callers need no change.")
+    op_block_list: tuple[str, ...] = option(FP16_BLOCK_LIST, "Op types kept in float32 (ORT's default list is "
+                                            "always added).", flag="--block-op", cli=False)
+    node_block_list: tuple[str, ...] = option((), "Node name kept in float32 (repeatable).", flag="--exclude")
 
     def __post_init__(self):
         object.__setattr__(self, "op_block_list", tuple(self.op_block_list))
         object.__setattr__(self, "node_block_list", tuple(self.node_block_list))
 
-    def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
     def call(self, model: ir.Model) -> PassResult:
-        refuse_quantized(model, "model")
         if any(v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values()):
             raise BadInput("model", "already has float16 weights", "convert the float32 model")
         before = op_counts(model)

@@ -26,7 +26,8 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import BadInput, check_choice
-from ._common import PassResult, looks_like_transformer, op_counts
+from ..options import option
+from ._common import OnnxoptPass, PassResult, looks_like_transformer, op_counts
 from ._ort import via_ort
 
 __all__ = ["Simplify", "LEVELS", "TRANSFORMER_MODES", "detect_heads_hidden"]
@@ -170,7 +171,7 @@ def _unfuse_skip_layer_norm(model: onnx.ModelProto) -> tuple[int, list[str]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Simplify(ir.passes.FunctionalPass):
+class Simplify(OnnxoptPass):
     """Options:
 
     * ``level``: ``basic`` | ``extended`` ORT graph optimization level.
@@ -187,12 +188,19 @@ class Simplify(ir.passes.FunctionalPass):
       i.e. ~2 ms of the 11 ms of an INT8 MiniLM. The quantize job turns it off for the CPU.
     """
 
-    level: str = "basic"
-    transformer: str = "auto"
-    num_heads: int = 0
-    hidden_size: int = 0
-    gelu_approximation: bool = False
-    skip_layer_norm: bool = True
+    refuses_quantized = False  # folding and fusing leave quantized ops alone
+
+    level: str = option("basic", "ORT offline optimization level (never 'all': its layouts are hardware-specific).",
+                        choices=LEVELS)
+    transformer: str = option("auto", "onnxruntime.transformers fusions (Attention, SkipLayerNorm, BiasGelu).",
+                              choices=TRANSFORMER_MODES)
+    num_heads: int = option(0, "Attention heads [default: detected from the graph].")
+    hidden_size: int = option(0, "Hidden size [default: detected from the graph].")
+    gelu_approximation: bool = option(False, "Fuse Gelu as FastGelu (tanh approximation; faster, max abs error "
+                                      "~5e-4).")
+    skip_layer_norm: bool = option(True, "Fuse residual Add + LayerNorm into SkipLayerNormalization (best on "
+                                   "CUDA; ORT's CPU kernel is slower than the two ops, so --no-skip-layer-norm "
+                                   "keeps them apart in a file for CPUs).")
 
     def __post_init__(self):
         check_choice(self.level, LEVELS, "--level",

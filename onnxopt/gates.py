@@ -1,0 +1,181 @@
+"""The gates: what a variant must hold, judged once, on one sample policy, by one function.
+
+Every command that gates (``quantize --max-drop``, ``prune --max-drop``, ``apply``, a recipe's
+``gates:``, the search of ``optimize``) measures a variant against its reference with
+:func:`measure` on :func:`gate_data` (the first :data:`EVAL_SAMPLES` samples of the evaluation
+data) and judges it with :meth:`Gates.check_quality` / :meth:`Gates.check_speed`. So the same file,
+data and gate give the same verdict and the same numbers whichever command asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+
+from .artifact import model_bytes
+from .errors import BadInput, GateFailed
+from .evaluate import agreement, cosine_rows, predict, top1
+from .feeds import Dataset
+from .options import fields_of, option
+
+__all__ = ["Gates", "EVAL_SAMPLES", "gate_data", "measure", "parse_max_drop", "allowed_drop", "gate_failed"]
+
+# The one sample policy: gates (and the accuracy in a verification) read the first EVAL_SAMPLES
+# samples of the evaluation data (digits' whole 450-sample test split).
+EVAL_SAMPLES = 512
+# Accuracy drops are rounded to 4 decimals of a point; the slack keeps "exactly at the limit" passing.
+_SLACK = 1e-9
+
+
+def parse_max_drop(value) -> tuple[float, str] | None:
+    """The accuracy gate: ``0.5``, ``"0.5"``, ``"0.5pt"`` or ``"0.5%"`` -> at most 0.5 accuracy
+    points lost (absolute); ``"2%rel"`` or ``"2rel"`` -> at most 2% of the reference accuracy."""
+    if value is None:
+        return None
+    text = str(value).strip().lower().replace(" ", "")
+    kind = "points"
+    for suffix, k in (("%rel", "relative"), ("rel", "relative"), ("pt", "points"), ("points", "points"),
+                      ("%", "points")):
+        if text.endswith(suffix):
+            text, kind = text[: -len(suffix)], k
+            break
+    try:
+        amount = float(text)
+    except ValueError:
+        raise BadInput("--max-drop", f"'{value}' is not a number of accuracy points (0.5, 0.5pt, 1%) or a "
+                       "relative drop (2%rel)") from None
+    if not np.isfinite(amount) or amount < 0:
+        raise BadInput("--max-drop", "must be >= 0 (accuracy points, or %rel of the reference accuracy)")
+    return amount, kind
+
+
+def allowed_drop(gate: tuple[float, str], ref_acc: float) -> float:
+    """The gate in accuracy points for a reference accuracy in [0, 1]."""
+    amount, kind = gate
+    return amount if kind == "points" else amount * ref_acc
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """What a variant must hold; ``None`` = not gated. Declared once: the CLI's gate options, the
+    recipe's ``gates:`` keys and the search read these fields."""
+
+    max_drop: float | str | None = option(
+        None, "Gate: accuracy drop on labelled data, points (0.5, 1%) or relative (2%rel).", type=str)
+    min_agreement: float | None = option(
+        None, "Gate without labels: top-1 agreement (classifiers) or min cosine with the reference, e.g. 0.99.",
+        type=float)
+    min_cosine: float | None = option(
+        None, "Gate without labels: mean cosine similarity of the outputs with the reference's, e.g. 0.99.",
+        type=float)
+    min_speedup: float | None = option(None, "Gate: speed-up vs the reference at the first batch size.", type=float)
+    max_size_mb: float | None = option(None, "Gate: size on disk in MB.", type=float)
+    max_p90_ms: float | None = option(None, "Gate: p90 latency at the first batch size.", type=float)
+
+    def __post_init__(self):
+        parse_max_drop(self.max_drop)
+        for name in ("min_agreement", "min_cosine", "min_speedup", "max_size_mb", "max_p90_ms"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or v < 0 or not np.isfinite(v)):
+                raise BadInput(f"gates.{name}", f"must be a number >= 0, got {v!r}")
+        for name in ("min_agreement", "min_cosine"):
+            if getattr(self, name) is not None and getattr(self, name) > 1:
+                raise BadInput(f"gates.{name}", "is a fraction in [0, 1]")
+
+    @classmethod
+    def from_options(cls, options: dict) -> "Gates":
+        """The gates among a command's keyword options (the others are left alone)."""
+        return cls(**{k: options[k] for k in fields_of(cls) if options.get(k) is not None})
+
+    def active(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def check_data(self, ds: Dataset | None, flag_prefix: str = "gates.") -> None:
+        """Refuse, before any work, a gate that the data cannot judge."""
+        if self.max_drop is not None and (ds is None or ds.labels is None):
+            raise BadInput(f"{flag_prefix}max_drop", "needs labelled data to measure accuracy", "pass --data")
+        for name in ("min_agreement", "min_cosine"):
+            if getattr(self, name) is not None and ds is None:
+                raise BadInput(f"{flag_prefix}{name}", "needs evaluation data", "pass --data")
+
+    def check_quality(self, q: dict) -> list[dict]:
+        """One record per quality gate (accuracy, agreement, cosine, size) for :func:`measure`'s ``q``."""
+        out = []
+        if self.max_drop is not None:
+            if "drop_points" not in q:
+                raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's "
+                               "first output")
+            limit = allowed_drop(parse_max_drop(self.max_drop), q["reference_accuracy"])
+            out.append({"gate": "max_drop", "limit": round(limit, 4), "value": q["drop_points"],
+                        "passed": q["drop_points"] <= limit + _SLACK})
+        if self.min_agreement is not None:
+            out.append({"gate": "min_agreement", "limit": self.min_agreement, "value": q["agreement"],
+                        "passed": q["agreement"] >= self.min_agreement})
+        if self.min_cosine is not None:
+            out.append({"gate": "min_cosine", "limit": self.min_cosine, "value": round(q["cosine_mean"], 6),
+                        "passed": q["cosine_mean"] >= self.min_cosine})
+        if self.max_size_mb is not None:
+            mb = q["bytes"] / 1e6
+            out.append({"gate": "max_size_mb", "limit": self.max_size_mb, "value": round(mb, 4),
+                        "passed": mb <= self.max_size_mb})
+        return out
+
+    def check_speed(self, row: dict) -> list[dict]:
+        """One record per speed gate for a side-by-side timing row (``speedup``, ``p90_ms``)."""
+        out = []
+        if self.min_speedup is not None:
+            out.append({"gate": "min_speedup", "limit": self.min_speedup, "value": round(row["speedup"], 3),
+                        "passed": row["speedup"] >= self.min_speedup})
+        if self.max_p90_ms is not None:
+            out.append({"gate": "max_p90_ms", "limit": self.max_p90_ms, "value": round(row["p90_ms"], 4),
+                        "passed": row["p90_ms"] <= self.max_p90_ms})
+        return out
+
+
+def gate_data(ds: Dataset | None) -> Dataset | None:
+    """The samples every gate reads: the first :data:`EVAL_SAMPLES` of the evaluation data."""
+    return None if ds is None else ds.head(EVAL_SAMPLES)
+
+
+def measure(ref_out: np.ndarray | None, proto: onnx.ModelProto, ds: Dataset | None, where: str,
+            classification: bool | None = None, produced: bool = True, out: np.ndarray | None = None) -> dict:
+    """What gates judge: size, and with data (already :func:`gate_data`): agreement with the
+    reference's outputs ``ref_out`` (top-1 for classifiers, else min cosine; ``classification``
+    None = guessed from the output shape), mean cosine, and accuracy with labels
+    (``accuracy``, ``reference_accuracy``, ``drop_points``). ``produced``: ``proto`` is a file
+    onnxopt wrote (ONNX Runtime failing on it is onnxopt's bug, exit 1). ``out``: its outputs on
+    ``ds`` when already computed."""
+    q: dict = {"bytes": len(model_bytes(proto))}
+    if ds is None:
+        return q
+    if out is None:
+        out = predict(proto, ds, where=where, produced=produced)
+    ag = agreement(ref_out, out, classification)
+    if not ag.get("shape_ok", True):
+        q["agreement"] = 0.0
+        return q
+    q["agreement"] = ag.get("top1_agreement", ag["cosine_min"])
+    q["agreement_kind"] = "top-1 agreement" if "top1_agreement" in ag else "min cosine"
+    q["cosine_min"] = ag["cosine_min"]
+    q["cosine_mean"] = float(np.mean(cosine_rows(ref_out, out)))
+    if ds.labels is not None and out.ndim == 2:
+        acc_r, acc = top1(ref_out, ds.labels), top1(out, ds.labels)
+        q.update(accuracy=acc, reference_accuracy=acc_r, drop_points=round(100 * (acc_r - acc), 4),
+                 samples=len(ds))
+    return q
+
+
+def gate_failed(where: str, checks: list[dict], hint: str, report: dict | None = None) -> GateFailed | None:
+    """The :class:`GateFailed` for the first failed check (None when all passed): one line that
+    says which gate, by how much."""
+    bad = [c for c in checks if not c["passed"]]
+    if not bad:
+        return None
+    c = bad[0]
+    if c["gate"] == "max_drop":
+        what = f"accuracy dropped {c['value']:.2f} points, more than --max-drop ({c['limit']:.2f} points)"
+    else:
+        what = f"{c['gate']} {c['value']} vs the limit {c['limit']}"
+    return GateFailed(where, what, hint, report=report)
