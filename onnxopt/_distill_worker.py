@@ -6,7 +6,9 @@ for one process. For ``nproc > 1`` it launches ``python -m torch.distributed.run
 (``gloo`` on CPU, ``nccl`` on GPUs), wraps the student in ``DistributedDataParallel`` and runs the
 same loop on its ``DistributedSampler`` share. Rank 0 writes the checkpoints and ``JOB/result.json``.
 
-This module imports torch at import time; :mod:`onnxopt.distill` imports it lazily.
+This module imports torch at import time; :mod:`onnxopt.distill` imports it lazily. It does not
+import :mod:`onnxopt.distill`: the students, teachers and augmentation both use are in
+:mod:`onnxopt.distill_models`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,8 +29,9 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from onnxopt.artifact import atomic_write_bytes
-from onnxopt.distill import build_student, last_linear, make_teacher, shift_images
+from onnxopt.distill_models import build_student, make_teacher, shift_images
 from onnxopt.progress import progress
+from onnxopt.sources import last_linear
 
 __all__ = ["train", "main"]
 
@@ -92,25 +96,85 @@ def train(cfg: dict, arrays: dict[str, np.ndarray], rank: int = 0, world: int = 
         torch.set_num_threads(was_threads)
 
 
+class _Parts(NamedTuple):
+    """What one training run holds: the student (and hint regressor), the module the steps run
+    (``DistributedDataParallel`` around the trainee with several processes), optimizer, schedule
+    and the sampler of this process's share."""
+
+    student: nn.Module
+    regressor: nn.Module | None
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    sampler: DistributedSampler
+    steps: int  # per epoch
+    per_rank: int  # samples per step in this process
+
+
 def _train(cfg, arrays, rank, world, device, distributed, augment_fn, teacher, on_epoch_end, t0) -> dict:
     import torch.distributed as dist
 
-    names = cfg["input_names"]
-    x = {n: torch.from_numpy(np.ascontiguousarray(arrays[f"input:{n}"])) for n in names}
-    y = torch.from_numpy(np.asarray(arrays["labels"], np.int64))
-    n_samples = len(y)
-    t_logits = arrays.get("teacher_logits")
-    t_feats = arrays.get("teacher_feats")
-    t_logits = None if t_logits is None else torch.from_numpy(np.asarray(t_logits, np.float32))
-    t_feats = None if t_feats is None else torch.from_numpy(np.asarray(t_feats, np.float32))
-    seed, temp, alpha, hint_w = cfg["seed"], cfg["temperature"], cfg["alpha"], cfg["hint_weight"]
-    need_teacher = alpha < 1 or hint_w > 0
+    data = _tensors(cfg, arrays)
     if cfg["online_teacher"] and teacher is None:
         teacher = make_teacher(cfg["teacher"], threads=1)
+    parts = _parts(cfg, len(data["y"]), rank, world, device, distributed)
+    ckpt = Path(cfg["checkpoint"])
+    start, losses, resumed_from = _resume(cfg, ckpt, parts)
+    augment = _augmenter(cfg, augment_fn)
+    coverage = None
+    bar = progress(total=(cfg["epochs"] - start) * parts.steps, desc="distill" if not distributed else
+                   f"distill x{world}", unit="step") if rank == 0 else None
+    for epoch in range(start, cfg["epochs"]):
+        parts.sampler.set_epoch(epoch)
+        torch.manual_seed(cfg["seed"] + 1000 + epoch)  # any randomness inside the student (dropout)
+        order = torch.tensor(list(iter(parts.sampler)), dtype=torch.int64)
+        if coverage is None:
+            coverage = _coverage(order, len(data["y"]), world, distributed)
+        total = _epoch(cfg, data, parts, order, epoch, rank, device, augment, teacher, bar)
+        if distributed:
+            dist.all_reduce(total)
+        losses.append(round(float(total[0] / total[1]), 6))
+        if rank == 0:
+            _save(ckpt, {"fingerprint": cfg["fingerprint"], "epoch": epoch + 1, "losses": losses,
+                         "student": _state(parts.student),
+                         "regressor": None if parts.regressor is None else parts.regressor.state_dict(),
+                         "optimizer": parts.opt.state_dict(), "scheduler": parts.sched.state_dict()})
+        if distributed:
+            dist.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+    if bar is not None:
+        bar.close()
+    state = _state(parts.student)
+    if start >= cfg["epochs"]:  # the checkpoint was already complete
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["student"]
+    return {"state": state, "losses": losses, "coverage": coverage, "resumed_from": resumed_from,
+            "backend": ("nccl" if cfg["cuda"] else "gloo") if distributed else None, "world": world,
+            "seconds": round(time.perf_counter() - t0, 3)}
 
+
+def _state(module: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _tensors(cfg: dict, arrays: dict[str, np.ndarray]) -> dict:
+    """``x`` (inputs by name), ``y`` (labels, -1 for none) and the precomputed teacher targets
+    ``t_logits``/``t_feats`` (None when absent) as tensors."""
+
+    def optional(key):
+        a = arrays.get(key)
+        return None if a is None else torch.from_numpy(np.asarray(a, np.float32))
+
+    x = {n: torch.from_numpy(np.ascontiguousarray(arrays[f"input:{n}"])) for n in cfg["input_names"]}
+    return {"x": x, "y": torch.from_numpy(np.asarray(arrays["labels"], np.int64)),
+            "t_logits": optional("teacher_logits"), "t_feats": optional("teacher_feats")}
+
+
+def _parts(cfg: dict, n_samples: int, rank: int, world: int, device, distributed: bool) -> _Parts:
+    seed = cfg["seed"]
     student = build_student(cfg["student"], cfg["width"], cfg["classes"], seed)
     regressor = None
-    if hint_w > 0:
+    if cfg["hint_weight"] > 0:
         torch.manual_seed(seed + 1)
         regressor = nn.Linear(cfg["s_feat_dim"], cfg["t_feat_dim"])
     trainee = _Trainee(student, regressor).to(device)
@@ -125,94 +189,85 @@ def _train(cfg, arrays, rank, world, device, distributed, augment_fn, teacher, o
                                  drop_last=False)
     steps = math.ceil(len(sampler) / per_rank)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=cfg["epochs"] * steps)
+    return _Parts(student, regressor, model, opt, sched, sampler, steps, per_rank)
 
-    ckpt = Path(cfg["checkpoint"])
-    start, losses, resumed_from = 0, [], None
-    if cfg.get("resume") and ckpt.is_file():
-        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if ck.get("fingerprint") == cfg["fingerprint"]:
-            student.load_state_dict(ck["student"])
-            if regressor is not None and ck.get("regressor") is not None:
-                regressor.load_state_dict(ck["regressor"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            start, losses, resumed_from = int(ck["epoch"]), list(ck["losses"]), int(ck["epoch"])
-    augment = _augmenter(cfg, augment_fn)
+
+def _resume(cfg: dict, ckpt: Path, parts: _Parts) -> tuple[int, list, int | None]:
+    """(first epoch to run, the losses so far, the epoch resumed after or None), loading the
+    checkpoint of the same run into ``parts``."""
+    if not (cfg.get("resume") and ckpt.is_file()):
+        return 0, [], None
+    ck = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if ck.get("fingerprint") != cfg["fingerprint"]:
+        return 0, [], None
+    parts.student.load_state_dict(ck["student"])
+    if parts.regressor is not None and ck.get("regressor") is not None:
+        parts.regressor.load_state_dict(ck["regressor"])
+    parts.opt.load_state_dict(ck["optimizer"])
+    parts.sched.load_state_dict(ck["scheduler"])
+    return int(ck["epoch"]), list(ck["losses"]), int(ck["epoch"])
+
+
+def _epoch(cfg, data, parts: _Parts, order, epoch, rank, device, augment, teacher, bar) -> torch.Tensor:
+    """One epoch of steps over this process's ``order``; returns (loss sum, samples) in float64."""
+    names, seed = cfg["input_names"], cfg["seed"]
+    x, y = data["x"], data["y"]
     first_float = next((n for n in names if x[n].dtype.is_floating_point), None)
-    coverage = None
-    show = rank == 0
-    bar = progress(total=(cfg["epochs"] - start) * steps, desc="distill" if not distributed else f"distill x{world}",
-                   unit="step") if show else None
-    for epoch in range(start, cfg["epochs"]):
-        sampler.set_epoch(epoch)
-        torch.manual_seed(seed + 1000 + epoch)  # any randomness inside the student (dropout)
-        order = torch.tensor(list(iter(sampler)), dtype=torch.int64)
-        if coverage is None:
-            coverage = _coverage(order, n_samples, world, distributed)
-        shifts = None
-        if cfg.get("augment") == "shift":
-            g = torch.Generator().manual_seed(seed * 7919 + epoch)
-            shifts = torch.randint(-1, 2, (n_samples, 2), generator=g)  # per sample: split-independent
-        model.train()
-        total = torch.zeros(2, dtype=torch.float64)
-        for step in range(steps):
-            idx = order[step * per_rank:(step + 1) * per_rank]
-            xb = {n: x[n][idx] for n in names}
-            if first_float is not None and shifts is not None:
-                xb[first_float] = shift_images(torch, xb[first_float], shifts[idx])
-            elif first_float is not None and augment is not None:
-                gen = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1009 + step) * 131 + rank)
-                xb[first_float] = augment(xb[first_float], gen)
-            tl = tf = None
-            if need_teacher:
-                if cfg["online_teacher"]:
-                    tl_np, tf_np = teacher({n: xb[n].numpy() for n in names})
-                    tl = torch.from_numpy(tl_np)
-                    tf = None if tf_np is None else torch.from_numpy(tf_np)
-                else:
-                    tl = t_logits[idx] if t_logits is not None else None
-                    tf = t_feats[idx] if t_feats is not None else None
-            yb = y[idx].to(device)
-            out = model(*(xb[n].to(device) for n in names))
-            logits, proj = out if regressor is not None else (out, None)
-            loss = torch.zeros((), device=device)
-            if alpha < 1 and tl is not None:
-                kd = F.kl_div(F.log_softmax(logits / temp, dim=1), F.softmax(tl.to(device) / temp, dim=1),
-                              reduction="batchmean") * (temp * temp)
-                loss = loss + (1 - alpha) * kd
-            lab = yb >= 0
-            if alpha > 0 and bool(lab.any()):
-                loss = loss + alpha * F.cross_entropy(logits[lab], yb[lab])
-            if proj is not None and tf is not None:
-                loss = loss + hint_w * F.mse_loss(proj, tf.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += torch.tensor([loss.detach().item() * len(idx), len(idx)], dtype=torch.float64)
-            if bar is not None:
-                bar.update(1)
-        if distributed:
-            dist.all_reduce(total)
-        losses.append(round(float(total[0] / total[1]), 6))
-        if rank == 0:
-            _save(ckpt, {"fingerprint": cfg["fingerprint"], "epoch": epoch + 1, "losses": losses,
-                         "student": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
-                         "regressor": None if regressor is None else regressor.state_dict(),
-                         "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
-        if distributed:
-            dist.barrier()
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
-    if bar is not None:
-        bar.close()
-    state = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
-    if start >= cfg["epochs"]:  # the checkpoint was already complete
-        ck = torch.load(ckpt, map_location="cpu", weights_only=True)
-        state = ck["student"]
-    return {"state": state, "losses": losses, "coverage": coverage, "resumed_from": resumed_from,
-            "backend": ("nccl" if cfg["cuda"] else "gloo") if distributed else None, "world": world,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    shifts = None
+    if cfg.get("augment") == "shift":
+        g = torch.Generator().manual_seed(seed * 7919 + epoch)
+        shifts = torch.randint(-1, 2, (len(y), 2), generator=g)  # per sample: split-independent
+    parts.model.train()
+    total = torch.zeros(2, dtype=torch.float64)
+    for step in range(parts.steps):
+        idx = order[step * parts.per_rank:(step + 1) * parts.per_rank]
+        xb = {n: x[n][idx] for n in names}
+        if first_float is not None and shifts is not None:
+            xb[first_float] = shift_images(torch, xb[first_float], shifts[idx])
+        elif first_float is not None and augment is not None:
+            gen = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1009 + step) * 131 + rank)
+            xb[first_float] = augment(xb[first_float], gen)
+        tl, tf = _teacher_batch(cfg, data, idx, xb, teacher)
+        out = parts.model(*(xb[n].to(device) for n in names))
+        logits, proj = out if parts.regressor is not None else (out, None)
+        loss = _loss(cfg, logits, proj, y[idx].to(device), tl, tf, device)
+        parts.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.opt.step()
+        parts.sched.step()
+        total += torch.tensor([loss.detach().item() * len(idx), len(idx)], dtype=torch.float64)
+        if bar is not None:
+            bar.update(1)
+    return total
+
+
+def _teacher_batch(cfg: dict, data: dict, idx, xb: dict, teacher) -> tuple:
+    """The teacher's (logits, features) for a batch: run on its (augmented) view, or the precomputed
+    targets; (None, None) when the loss does not use the teacher."""
+    if not (cfg["alpha"] < 1 or cfg["hint_weight"] > 0):
+        return None, None
+    if cfg["online_teacher"]:
+        tl_np, tf_np = teacher({n: xb[n].numpy() for n in cfg["input_names"]})
+        return torch.from_numpy(tl_np), None if tf_np is None else torch.from_numpy(tf_np)
+    t_logits, t_feats = data["t_logits"], data["t_feats"]
+    return (t_logits[idx] if t_logits is not None else None), (t_feats[idx] if t_feats is not None else None)
+
+
+def _loss(cfg: dict, logits, proj, yb, tl, tf, device) -> torch.Tensor:
+    """``(1 - alpha) * T^2 * KL`` on the teacher's logits + ``alpha *`` cross-entropy on the
+    labelled samples + ``hint_weight *`` MSE of the projected features."""
+    temp, alpha, hint_w = cfg["temperature"], cfg["alpha"], cfg["hint_weight"]
+    loss = torch.zeros((), device=device)
+    if alpha < 1 and tl is not None:
+        kd = F.kl_div(F.log_softmax(logits / temp, dim=1), F.softmax(tl.to(device) / temp, dim=1),
+                      reduction="batchmean") * (temp * temp)
+        loss = loss + (1 - alpha) * kd
+    lab = yb >= 0
+    if alpha > 0 and bool(lab.any()):
+        loss = loss + alpha * F.cross_entropy(logits[lab], yb[lab])
+    if proj is not None and tf is not None:
+        loss = loss + hint_w * F.mse_loss(proj, tf.to(device))
+    return loss
 
 
 def _coverage(order: torch.Tensor, n: int, world: int, distributed: bool) -> dict:

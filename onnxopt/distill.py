@@ -35,6 +35,8 @@ with the teacher on the test data, side by side in the sidecar (``distill``).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -44,12 +46,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
 
 from ._version import __version__
 from .artifact import atomic_write_bytes, load_model, model_bytes, read_sidecar, save_model
+from .distill_models import (STUDENTS, OrtTeacher, TorchTeacher, build_student, digits_student, make_teacher,
+                             shift_images)
 from .errors import BadInput, check_choice, first_line
 from .evaluate import top1, top1_agreement
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
@@ -57,8 +62,8 @@ from .head import cache_root, check_labels, labelled_data
 from .runtime import make_session, ort, run
 from .sources import is_factory, is_onnx_path, last_linear, require_torch
 
-__all__ = ["distill", "digits_student", "STUDENTS", "AUGMENTS", "OrtTeacher", "TorchTeacher", "make_teacher",
-           "build_student", "shift_images"]
+__all__ = ["distill", "DistillSettings", "digits_student", "STUDENTS", "AUGMENTS", "OrtTeacher", "TorchTeacher",
+           "make_teacher", "build_student", "shift_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,129 +72,384 @@ CHECKPOINT = "last.pt"
 
 
 # ---------------------------------------------------------------------------------------------
-# Students
+# Settings
 
 
-def digits_student(width: float = 0.4, num_classes: int = 10, round_to: int = 8):
-    """The DigitsCNN layout (Conv-BN-ReLU x2, MaxPool, Conv-BN-ReLU, global pool, Linear) with
-    ``32 * width`` and ``64 * width`` channels rounded to a multiple of ``round_to``, as an
-    ``nn.Sequential``. Width 1 is the teacher's shape; 0.4 gives 16/24 channels (0.16x the
-    parameters), 0.25 gives 8/16 (0.07x).
-
-    Why multiples of 8: ONNX Runtime's CPU convolutions run channel counts in blocks of 8; measured
-    side by side (batch 450, 2 threads), 14/29 channels ran only 1.16x faster than the 32/64
-    teacher, 16/24 channels 2.78x, with fewer parameters than 14/29 would have."""
-    require_torch("digits-cnn student")
-    from torch import nn
-
-    def channels(c: int) -> int:
-        q = max(1, int(round_to))
-        return max(q, q * int(round(c * float(width) / q)))
-
-    c1, c2 = channels(32), channels(64)
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(c2, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c2, int(num_classes)),
-    )
+def _setting(default, help: str, **meta) -> Any:
+    """A :class:`DistillSettings` field: ``help`` is what ``onnxopt distill --help`` shows for its
+    flag (empty: the flag shows its default only); ``meta`` tells the CLI how to spell it."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
 
 
-STUDENTS = {"digits-cnn": digits_student}
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+    """Every option of :func:`distill` besides the teacher and the output, checked on creation
+    (a bad value is a :class:`~onnxopt.errors.BadInput` naming its CLI flag).
 
+    Field metadata: ``help`` (the CLI's help text), ``flag`` (a bool's CLI switch that turns it
+    off, e.g. ``--no-resume``), ``choices``, ``path`` (a folder: ``click.Path``), ``cli`` (False:
+    Python only). The CLI builds its options from these fields, so both say the same."""
 
-def build_student(student: str, width: float, num_classes: int, seed: int):
-    """The student module, initialized from ``seed``: a built-in family or a factory."""
-    torch = require_torch(student)
-    torch.manual_seed(seed)
-    if student in STUDENTS:
-        return STUDENTS[student](width=width, num_classes=num_classes)
-    from .sources import call_factory
+    data: Any = _setting("digits", "Training inputs (labels optional): 'digits' (its train split), an .npz, an "
+                         "image folder or module:function.")
+    student: str = _setting("digits-cnn", "A built-in student family (digits-cnn) or a factory module:function.")
+    width: float = _setting(0.4, "Channel multiplier of a built-in student, rounded to multiples of 8 channels "
+                            "(0.4: 16/24 channels, 0.16x the digits-cnn parameters).")
+    unlabelled: Any = _setting(None, "More training inputs without labels (teacher targets only).")
+    test_data: Any = _setting(None, "Labelled data to compare teacher and student [default: digits test split when "
+                              "training on digits].")
+    temperature: float = _setting(2.0, "Softmax temperature of the KL loss.")
+    alpha: float = _setting(0.5, "Weight of the label loss (1 = labels alone, 0 = teacher alone).")
+    hint_weight: float = _setting(0.0, "Weight of the feature (hint) loss on the teacher's classifier input.")
+    hint: str | None = _setting(None, "ONNX teacher: the tensor the hint loss matches [default: its classifier "
+                                "input].")
+    augment: Any = _setting("none", "none, shift (images moved up to one pixel; the teacher sees the same view) or "
+                            "a hook module:function (x, generator) -> x.")
+    epochs: int = _setting(20, "")
+    batch: int = _setting(64, "Global batch (split across --nproc).")
+    lr: float = _setting(3e-3, "Peak learning rate (one-cycle schedule).")
+    weight_decay: float = _setting(1e-4, "")
+    seed: int = _setting(0, "")
+    nproc: int = _setting(1, "Processes: >1 runs DistributedDataParallel via torch.distributed.run (gloo on CPU, "
+                          "nccl on GPU).")
+    device: str = _setting("auto", "", choices=("auto", "cpu", "cuda"))
+    threads: int = _setting(1, "torch threads per process.")
+    checkpoint_dir: str | Path | None = _setting(None, "Where the per-epoch checkpoint goes [default: "
+                                                 "<output>.ckpt].", path=True)
+    resume: bool = _setting(True, "Start over even when a checkpoint of the same run exists.", flag="--no-resume")
+    cache_dir: str | Path | None = _setting(None, "Teacher-target cache folder [default: ~/.cache/onnxopt].",
+                                            path=True)
+    cache: bool = _setting(True, "Do not read or write cached teacher targets.", flag="--no-cache")
+    weights: str | None = _setting(None, "Torch factory teacher: a state_dict file.")
+    input_shape: str | None = _setting(None, "Torch factory teacher: input shape, e.g. 1x1x8x8.")
+    on_epoch_end: Any = _setting(None, "Called as on_epoch_end(epoch) after each epoch's checkpoint (one process "
+                                 "only).", cli=False)
 
-    return call_factory(torch, student, "student factory")
+    def __post_init__(self):
+        self._check_numbers()
+        augment, nproc = self.augment, int(self.nproc)
+        if isinstance(augment, str) and augment not in AUGMENTS and not is_factory(augment):
+            raise BadInput("--augment", f"'{augment}' is not one of {', '.join(AUGMENTS)} or module:function")
+        if not callable(augment) and augment is not None and not isinstance(augment, str):
+            raise BadInput("--augment", f"{augment!r} is not an augmentation")
+        if self.student not in STUDENTS and not is_factory(self.student):
+            raise BadInput("--student", f"'{self.student}' is neither a built-in student family "
+                           f"({', '.join(STUDENTS)}) nor a factory module:function")
+        if callable(augment) and nproc > 1:
+            raise BadInput("--augment", "a Python callable cannot be sent to other processes",
+                           "pass it as module:function")
+        if self.on_epoch_end is not None and nproc > 1:
+            raise BadInput("on_epoch_end", "is called in this process only; it cannot run with nproc > 1")
+        check_choice(self.device, ("auto", "cpu", "cuda"), "--device")
+
+    def _check_numbers(self) -> None:
+        if not 0 <= float(self.alpha) <= 1:
+            raise BadInput("--alpha", f"must be in [0, 1] (the weight of the label loss), got {self.alpha}")
+        if not float(self.temperature) > 0:
+            raise BadInput("--temperature", f"must be > 0, got {self.temperature}")
+        if not float(self.hint_weight) >= 0:
+            raise BadInput("--hint-weight", f"must be >= 0, got {self.hint_weight}")
+        if int(self.epochs) < 1:
+            raise BadInput("--epochs", "must be >= 1")
+        if int(self.batch) < 1:
+            raise BadInput("--batch", "must be >= 1")
+        if not float(self.lr) > 0:
+            raise BadInput("--lr", f"must be > 0, got {self.lr}")
+        if int(self.nproc) < 1:
+            raise BadInput("--nproc", "must be >= 1")
+        if int(self.batch) % int(self.nproc):
+            raise BadInput("--batch", f"{self.batch} is not divisible by --nproc {self.nproc}",
+                           "the global batch is split evenly across the processes")
+        if not float(self.width) > 0:
+            raise BadInput("--width", f"must be > 0, got {self.width}")
+
+    @classmethod
+    def from_options(cls, settings: DistillSettings | None = None, **options) -> DistillSettings:
+        """``DistillSettings(**options)``, or ``settings`` with ``options`` replacing some of its
+        fields; an unknown option is a ``BadInput`` naming it, with the nearest valid name."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in names:
+                near = difflib.get_close_matches(str(key), names, n=1)
+                raise BadInput(str(key), "is not an option of distill",
+                               f"did you mean '{near[0]}'?" if near else f"options: {', '.join(names)}")
+        if settings is None:
+            return cls(**options)
+        if not isinstance(settings, cls):
+            raise BadInput("settings", f"{type(settings).__name__} is not a DistillSettings")
+        return dataclasses.replace(settings, **options) if options else settings
 
 
 # ---------------------------------------------------------------------------------------------
-# Teachers: (logits, features or None) for a batch of inputs
+# The job
 
 
-def _logits(out: np.ndarray, where: str) -> np.ndarray:
-    out = np.asarray(out, np.float32)
-    if out.ndim != 2 or out.shape[1] < 2:
-        raise BadInput(where, f"the teacher's first output has shape {list(out.shape)}, not class scores "
-                       "[batch, classes]")
-    if (out >= 0).all() and np.allclose(out.sum(1), 1.0, atol=1e-3):  # probabilities: use their log
-        return np.log(np.maximum(out, 1e-12)).astype(np.float32)
-    return out
+class _Teacher(NamedTuple):
+    """The resolved teacher: ``run(feeds) -> (logits, features or None)`` and what the job needs of it."""
+
+    run: Any
+    desc: dict  # JSON-able: what a DDP worker rebuilds it from, and the checkpoint fingerprint's part
+    proto: onnx.ModelProto | None
+    input_specs: tuple
+    out_name: str
+    dataset: str | None
+    params: int
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.input_specs]
 
 
-class OrtTeacher:
-    """An ONNX teacher in ONNX Runtime; ``hint`` adds that tensor as a second output."""
-
-    def __init__(self, path: str, hint: str | None = None, threads: int | None = None):
-        self.path = str(path)
-        self.proto = load_model(path)
-        self.hint = hint
-        model = self.proto
-        if hint:
-            import onnx_ir as ir
-
-            from .passes.head import find_value
-
-            m = ir.serde.deserialize_model(self.proto)
-            v = find_value(m, hint)
-            if v is None:
-                raise BadInput("--hint", f"no tensor named '{hint}' in {path}")
-            if v.type is None:
-                v.type = ir.TensorType(ir.DataType.FLOAT)
-            m.graph.outputs[:] = [m.graph.outputs[0], v]
-            model = ir.serde.serialize_model(m)
-        self.session = make_session(model, "cpu", threads, self.path)
-        inits = {i.name for i in self.proto.graph.initializer}
-        self.input_names = [i.name for i in self.proto.graph.input if i.name not in inits]
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        res = run(self.session, cast_feeds(self.proto, feeds), self.path)
-        feats = res[1].reshape(len(res[1]), -1).astype(np.float32) if self.hint else None
-        return _logits(res[0], self.path), feats
+class _Data(NamedTuple):
+    train: Dataset
+    y: np.ndarray  # labels, -1 for samples without one
+    test: Dataset | None
+    augment: Any  # None, "shift", a hook module:function or a callable
+    labelled: int
 
 
-class TorchTeacher:
-    """A torch teacher (built-in name or factory); ``hint`` captures its last Linear's input."""
-
-    def __init__(self, spec, hint: bool = False):
-        self.torch = require_torch(spec.name)
-        self.spec = spec
-        self.path = spec.name
-        self.net = spec.build().eval()
-        self.input_names = [i.name for i in spec.inputs]
-        self._feat = None
-        if hint:
-            lin = last_linear(self.torch, self.net)
-            if lin is None:
-                raise BadInput("--hint-weight", f"{spec.name} has no Linear layer whose input could be the hint")
-            lin.register_forward_pre_hook(lambda m, args: setattr(self, "_feat", args[0]))
-        self.hint = hint
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-        torch = self.torch
-        with torch.no_grad():
-            out = self.net(*(torch.as_tensor(np.ascontiguousarray(feeds[n])) for n in self.input_names))
-        feats = None
-        if self.hint:
-            feats = self._feat.detach().reshape(len(out), -1).numpy().astype(np.float32)
-        return _logits(out.detach().numpy(), self.path), feats
+class _Student(NamedTuple):
+    classes: int
+    s_feat_dim: int | None
+    t_feat_dim: int | None
+    params: int
 
 
-def make_teacher(desc: dict, threads: int | None = None):
-    """A teacher from its JSON-able description (what a DDP worker receives)."""
-    if desc["kind"] == "onnx":
-        return OrtTeacher(desc["path"], desc.get("hint"), threads)
+def distill(teacher: str | Path, output: str | Path, *, settings: DistillSettings | None = None, **options) -> dict:
+    """Distill ``teacher`` into a ``student`` trained on ``data``; export it to ``output``, verified.
+
+    The options are the fields of :class:`DistillSettings`, as keywords or as ``settings`` (keywords
+    given with it replace its fields); an unknown one is a ``BadInput`` with the nearest name.
+
+    * ``teacher``: an ``.onnx`` file, a built-in model or a factory (``weights``/``input_shape``).
+    * ``data``: training inputs (``digits`` = its train split; labels optional); ``unlabelled``:
+      more inputs without labels; ``test_data`` (default: the digits test split when training on
+      digits): teacher and student accuracy side by side.
+    * ``student``/``width``: a built-in family (``digits-cnn``) scaled by ``width``, or a factory.
+    * ``temperature``, ``alpha`` (label-loss weight; 1 = labels alone), ``hint_weight``/``hint``
+      (feature loss on the teacher tensor ``hint``, default its classifier input), ``augment``
+      (none | shift | module:function).
+    * ``epochs``, ``batch`` (global), ``lr``, ``weight_decay``, ``seed``, ``threads`` (per process).
+    * ``nproc``: processes (DistributedDataParallel through torch.distributed.run); ``device``:
+      auto | cpu | cuda.
+    * ``checkpoint_dir`` (default ``<output>.ckpt``): a checkpoint per epoch; with ``resume`` a
+      run with the same settings continues from it (a finished one is exported again as is).
+    * ``on_epoch_end(epoch)``: called after each epoch's checkpoint (one process only).
+
+    Returns the output's sidecar; ``distill`` holds the summary (accuracies, parameters, losses).
+    """
+    torch = require_torch("distill")
+    s = DistillSettings.from_options(settings, **options)
+    use_cuda = _use_cuda(torch, s)
+    t_start = time.perf_counter()
+    output = Path(output)
+    t = _resolve_teacher(teacher, s)
+    data = _resolve_data(s, t)
+    st = _check_student(torch, s, t, data)
+    need_teacher = float(s.alpha) < 1 or float(s.hint_weight) > 0
+    online = data.augment is not None and need_teacher
+    arrays, cache_hit = _training_arrays(s, t, data, need_teacher and not online)
+    cfg = _job_config(torch, s, t, data, st, online, use_cuda, output)
+    result = _run_training(cfg, arrays, s, t, data)
+    side, step = _export_student(s, t, data, cfg, result, output)
+    student_params = _onnx_params(load_model(output)) if t.desc["kind"] == "onnx" else st.params
+    targets = ("online (augmented views)" if online else ("cached" if cache_hit else "computed once")
+               if need_teacher else "not used (labels only)")
+    summary = _summary(step, t, cfg, result, student_params, targets, t_start)
+    _compare_on_test(summary, t, data, output)
+    return _write(output, side, summary)
+
+
+def _use_cuda(torch, s: DistillSettings) -> bool:
+    use_cuda = torch.cuda.is_available() if s.device == "auto" else s.device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise BadInput("--device", "cuda was asked for, but torch sees no GPU")
+    if use_cuda and int(s.nproc) > torch.cuda.device_count():
+        raise BadInput("--nproc", f"{s.nproc} processes need {s.nproc} GPUs; torch sees {torch.cuda.device_count()}",
+                       "use --device cpu, or fewer processes")
+    return use_cuda
+
+
+def _onnx_params(proto: onnx.ModelProto) -> int:
+    """Parameters as ONNX initializers (BatchNorm folded): how teacher and student are both counted."""
+    import onnx_ir as ir
+
+    from .passes.prune import count_params
+
+    return count_params(ir.serde.deserialize_model(proto))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolve the teacher and the data
+
+
+def _resolve_teacher(teacher, s: DistillSettings) -> _Teacher:
+    if is_onnx_path(str(teacher)):
+        return _onnx_teacher(teacher, s)
+    return _torch_teacher(str(teacher), s)
+
+
+def _onnx_teacher(teacher, s: DistillSettings) -> _Teacher:
+    use_hint, hint = float(s.hint_weight) > 0, s.hint
+    if s.weights is not None or s.input_shape is not None:
+        raise BadInput("--weights", "only applies to a torch teacher, not to an ONNX file")
+    proto = load_model(teacher)
+    if use_hint and hint is None:
+        import onnx_ir as ir
+
+        from .passes.head import find_head
+
+        hint = find_head(ir.serde.deserialize_model(proto), str(teacher)).feature
+    tdesc = {"kind": "onnx", "path": str(Path(teacher).resolve()), "hint": hint if use_hint else None,
+             "sha256": hashlib.sha256(model_bytes(proto)).hexdigest()}
+    run_ = OrtTeacher(teacher, tdesc["hint"])
+    input_specs = _onnx_input_specs(proto)
+    t_side = read_sidecar(teacher) or {}
+    return _Teacher(run_, tdesc, proto, input_specs, proto.graph.output[0].name, t_side.get("dataset"),
+                    _onnx_params(proto))
+
+
+def _torch_teacher(name: str, s: DistillSettings) -> _Teacher:
+    use_hint = float(s.hint_weight) > 0
+    if s.hint is not None:
+        raise BadInput("--hint", "names a tensor of an ONNX teacher; a torch teacher's hint is the input of "
+                       "its last Linear layer")
     from .sources import resolve
 
-    spec = resolve(desc["name"], input_shape=desc.get("input_shape"), weights=desc.get("weights"))
-    return TorchTeacher(spec, bool(desc.get("hint")))
+    spec = resolve(name, input_shape=s.input_shape, weights=s.weights)
+    tdesc = {"kind": "torch", "name": name, "weights": s.weights, "input_shape": s.input_shape, "hint": use_hint}
+    run_ = TorchTeacher(spec, use_hint)
+    h = hashlib.sha256()
+    for k, v in sorted(run_.net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    tdesc["sha256"] = h.hexdigest()  # a checkpoint of another teacher's run is not resumed
+    return _Teacher(run_, tdesc, None, spec.inputs, spec.outputs[0], spec.dataset,
+                    sum(p.numel() for p in run_.net.parameters()))
+
+
+def _onnx_input_specs(proto: onnx.ModelProto):
+    from .artifact import io_signature
+    from .spec import InputSpec
+
+    out = []
+    for i in io_signature(proto)["inputs"]:
+        shape = tuple(("batch" if k == 0 else "seq") if not isinstance(d, int) else d
+                      for k, d in enumerate(i["shape"]))
+        out.append(InputSpec(i["name"], shape, i["dtype"] or "float32"))
+    return tuple(out)
+
+
+def _resolve_data(s: DistillSettings, t: _Teacher) -> _Data:
+    input_names = t.input_names
+    train, y = _training_data(s.data, s.unlabelled, input_names, t.proto)
+    if t.proto is not None:
+        check_feeds(t.proto, train.inputs, train.name)
+    first_float = next((train.inputs[n] for n in input_names if train.inputs[n].dtype.kind == "f"), None)
+    is_image = first_float is not None and first_float.ndim == 4
+    augment = s.augment
+    if augment == "none":
+        augment = None
+    elif augment == "shift" and not is_image:
+        raise BadInput("--augment", "shift moves images; the first float input is not [N, C, H, W]",
+                       "use --augment none or a hook module:function")
+    labelled = int((y >= 0).sum())
+    if float(s.alpha) == 1 and labelled < len(y):
+        raise BadInput("--alpha", "1 trains on labels alone, but some samples have none",
+                       "use alpha < 1 so unlabelled samples learn from the teacher")
+    test_data = s.test_data
+    if test_data is None and isinstance(s.data, str) and s.data == "digits":
+        test_data = "digits"
+    test = labelled_data(test_data, "--test-data", t.proto, "test", input_names) if test_data is not None else None
+    return _Data(train, y, test, augment, labelled)
+
+
+def _training_data(data, unlabelled, input_names: list[str], proto) -> tuple[Dataset, np.ndarray]:
+    """(inputs, labels with -1 for samples without one)."""
+    if data is None:
+        raise BadInput("--data", "distillation needs training inputs", "pass --data digits or an .npz")
+    if isinstance(data, str) and data == "digits":
+        ds = labelled_data("digits", "--data", proto, "train", input_names)
+    else:
+        ds = load_dataset(data, proto)
+        if len(input_names) == 1 and len(ds.inputs) == 1 and input_names[0] not in ds.inputs:
+            ds = Dataset(ds.name, {input_names[0]: next(iter(ds.inputs.values()))}, ds.labels)
+    if ds.labels is not None:
+        y = check_labels(ds, "--data")
+    else:
+        y = np.full(len(ds), -1, np.int64)
+    if unlabelled is not None:
+        u = load_dataset(unlabelled, proto)
+        if len(input_names) == 1 and len(u.inputs) == 1 and input_names[0] not in u.inputs:
+            u = Dataset(u.name, {input_names[0]: next(iter(u.inputs.values()))}, None)
+        missing = [n for n in input_names if n not in u.inputs]
+        if missing:
+            raise BadInput("--unlabelled", f"{u.name} has no array for input(s) {', '.join(missing)}")
+        ds = Dataset(f"{ds.name} + {u.name} (unlabelled)",
+                     {n: np.concatenate([ds.inputs[n], u.inputs[n].astype(ds.inputs[n].dtype)]) for n in input_names},
+                     None)
+        y = np.concatenate([y, np.full(len(u), -1, np.int64)])
+    for n in input_names:
+        if n not in ds.inputs:
+            raise BadInput("--data", f"{ds.name} has no array for the teacher input '{n}'",
+                           f"it has {', '.join(sorted(ds.inputs))}")
+    ds = Dataset(ds.name, {n: ds.inputs[n] for n in input_names}, None)
+    if len(y) != len(ds):
+        raise BadInput("--data", f"{len(y)} labels for {len(ds)} samples")
+    return ds, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Build the student: the teacher's output width is the number of classes; the student must match it
+
+
+def _check_student(torch, s: DistillSettings, t: _Teacher, data: _Data) -> _Student:
+    input_names = t.input_names
+    probe = {n: data.train.inputs[n][:2] for n in input_names}
+    t_logits, t_feats = t.run(probe)
+    classes = int(t_logits.shape[1])
+    if data.labelled and int(data.y.max()) >= classes:
+        raise BadInput("--data", f"has label {int(data.y.max())}, but the teacher scores {classes} classes")
+    net = build_student(s.student, s.width, classes, s.seed)
+    try:
+        with torch.no_grad():
+            s_out = net.eval()(*(torch.as_tensor(np.ascontiguousarray(probe[n])) for n in input_names))
+    except Exception as e:
+        raise BadInput("--student", f"the student rejects the teacher's inputs: {type(e).__name__}: "
+                       f"{first_line(e, 200)}") from None
+    if not isinstance(s_out, torch.Tensor) or s_out.ndim != 2 or s_out.shape[1] != classes:
+        shape = list(s_out.shape) if isinstance(s_out, torch.Tensor) else type(s_out).__name__
+        raise BadInput("--student", f"outputs {shape} per batch, but the teacher scores {classes} classes",
+                       f"build the student with {classes} outputs")
+    s_feat_dim = None
+    if float(s.hint_weight) > 0:
+        lin = last_linear(torch, net)
+        if lin is None:
+            raise BadInput("--student", "has no Linear layer whose input could learn the hint")
+        s_feat_dim = int(lin.in_features)
+    return _Student(classes, s_feat_dim, None if t_feats is None else int(t_feats.shape[1]),
+                    sum(p.numel() for p in net.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Train: the teacher's targets once (cached by content hash) unless augmentation makes the teacher run on
+# every batch; one process here, several through torch.distributed.run
+
+
+def _training_arrays(s: DistillSettings, t: _Teacher, data: _Data, precompute: bool) -> tuple[dict, bool | None]:
+    """(the arrays the training loop reads, whether the teacher's targets came from the cache)."""
+    arrays = {f"input:{n}": np.ascontiguousarray(data.train.inputs[n]) for n in t.input_names}
+    arrays["labels"] = data.y
+    cache_hit = None
+    if precompute:
+        key = None
+        if t.desc["kind"] == "onnx":
+            key = [t.desc["sha256"], t.desc["hint"], array_digest(data.train.inputs), ort().__version__]
+        logits, feats, cache_hit = _teacher_targets(t.run, data.train, s.cache, s.cache_dir, key)
+        arrays["teacher_logits"] = logits
+        if feats is not None:
+            arrays["teacher_feats"] = feats
+    return arrays, cache_hit
 
 
 def _teacher_targets(teacher, ds: Dataset, cache: bool, cache_dir, key_parts: list | None) -> tuple:
@@ -229,371 +489,26 @@ def _teacher_targets(teacher, ds: Dataset, cache: bool, cache_dir, key_parts: li
     return logits, feats, False
 
 
-# ---------------------------------------------------------------------------------------------
-# Augmentation
-
-
-def shift_images(torch, x, shifts):
-    """Move each image of ``x`` [B, C, H, W] by ``shifts[b] = (dy, dx)`` in {-1, 0, 1}, zero fill."""
-    h, w = x.shape[-2:]
-    pad = torch.nn.functional.pad(x, (1, 1, 1, 1))
-    out = torch.empty_like(x)
-    for dy in (-1, 0, 1):
-        for dx in (-1, 0, 1):
-            m = (shifts[:, 0] == dy) & (shifts[:, 1] == dx)
-            if bool(m.any()):
-                out[m] = pad[m][:, :, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The job
-
-
-def _check(alpha, temperature, hint_weight, epochs, batch, lr, nproc, width, augment, student):
-    if not 0 <= float(alpha) <= 1:
-        raise BadInput("--alpha", f"must be in [0, 1] (the weight of the label loss), got {alpha}")
-    if not float(temperature) > 0:
-        raise BadInput("--temperature", f"must be > 0, got {temperature}")
-    if not float(hint_weight) >= 0:
-        raise BadInput("--hint-weight", f"must be >= 0, got {hint_weight}")
-    if int(epochs) < 1:
-        raise BadInput("--epochs", "must be >= 1")
-    if int(batch) < 1:
-        raise BadInput("--batch", "must be >= 1")
-    if not float(lr) > 0:
-        raise BadInput("--lr", f"must be > 0, got {lr}")
-    if int(nproc) < 1:
-        raise BadInput("--nproc", "must be >= 1")
-    if int(batch) % int(nproc):
-        raise BadInput("--batch", f"{batch} is not divisible by --nproc {nproc}",
-                       "the global batch is split evenly across the processes")
-    if not float(width) > 0:
-        raise BadInput("--width", f"must be > 0, got {width}")
-    if isinstance(augment, str) and augment not in AUGMENTS and not is_factory(augment):
-        raise BadInput("--augment", f"'{augment}' is not one of {', '.join(AUGMENTS)} or module:function")
-    if not callable(augment) and augment is not None and not isinstance(augment, str):
-        raise BadInput("--augment", f"{augment!r} is not an augmentation")
-    if student not in STUDENTS and not is_factory(student):
-        raise BadInput("--student", f"'{student}' is neither a built-in student family "
-                       f"({', '.join(STUDENTS)}) nor a factory module:function")
-
-
-def _training_data(data, unlabelled, input_names: list[str], proto) -> tuple[Dataset, np.ndarray]:
-    """(inputs, labels with -1 for samples without one)."""
-    if data is None:
-        raise BadInput("--data", "distillation needs training inputs", "pass --data digits or an .npz")
-    if isinstance(data, str) and data == "digits":
-        ds = labelled_data("digits", "--data", proto, "train", input_names)
-    else:
-        ds = load_dataset(data, proto)
-        if len(input_names) == 1 and len(ds.inputs) == 1 and input_names[0] not in ds.inputs:
-            ds = Dataset(ds.name, {input_names[0]: next(iter(ds.inputs.values()))}, ds.labels)
-    if ds.labels is not None:
-        y = check_labels(ds, "--data")
-    else:
-        y = np.full(len(ds), -1, np.int64)
-    if unlabelled is not None:
-        u = load_dataset(unlabelled, proto)
-        if len(input_names) == 1 and len(u.inputs) == 1 and input_names[0] not in u.inputs:
-            u = Dataset(u.name, {input_names[0]: next(iter(u.inputs.values()))}, None)
-        missing = [n for n in input_names if n not in u.inputs]
-        if missing:
-            raise BadInput("--unlabelled", f"{u.name} has no array for input(s) {', '.join(missing)}")
-        ds = Dataset(f"{ds.name} + {u.name} (unlabelled)",
-                     {n: np.concatenate([ds.inputs[n], u.inputs[n].astype(ds.inputs[n].dtype)]) for n in input_names},
-                     None)
-        y = np.concatenate([y, np.full(len(u), -1, np.int64)])
-    for n in input_names:
-        if n not in ds.inputs:
-            raise BadInput("--data", f"{ds.name} has no array for the teacher input '{n}'",
-                           f"it has {', '.join(sorted(ds.inputs))}")
-    ds = Dataset(ds.name, {n: ds.inputs[n] for n in input_names}, None)
-    if len(y) != len(ds):
-        raise BadInput("--data", f"{len(y)} labels for {len(ds)} samples")
-    return ds, y
-
-
-def distill(
-    teacher: str | Path,
-    output: str | Path,
-    *,
-    data="digits",
-    student: str = "digits-cnn",
-    width: float = 0.4,
-    unlabelled=None,
-    test_data=None,
-    temperature: float = 2.0,
-    alpha: float = 0.5,
-    hint_weight: float = 0.0,
-    hint: str | None = None,
-    augment: str | None = "none",
-    epochs: int = 20,
-    batch: int = 64,
-    lr: float = 3e-3,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    nproc: int = 1,
-    device: str = "auto",
-    threads: int = 1,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = True,
-    cache_dir: str | Path | None = None,
-    cache: bool = True,
-    weights: str | None = None,
-    input_shape: str | None = None,
-    on_epoch_end=None,
-) -> dict:
-    """Distill ``teacher`` into a ``student`` trained on ``data``; export it to ``output``, verified.
-
-    * ``teacher``: an ``.onnx`` file, a built-in model or a factory (``weights``/``input_shape``).
-    * ``data``: training inputs (``digits`` = its train split; labels optional); ``unlabelled``:
-      more inputs without labels; ``test_data`` (default: the digits test split when training on
-      digits): teacher and student accuracy side by side.
-    * ``student``/``width``: a built-in family (``digits-cnn``) scaled by ``width``, or a factory.
-    * ``temperature``, ``alpha`` (label-loss weight; 1 = labels alone), ``hint_weight``/``hint``
-      (feature loss on the teacher tensor ``hint``, default its classifier input), ``augment``
-      (none | shift | module:function).
-    * ``epochs``, ``batch`` (global), ``lr``, ``weight_decay``, ``seed``, ``threads`` (per process).
-    * ``nproc``: processes (DistributedDataParallel through torch.distributed.run); ``device``:
-      auto | cpu | cuda.
-    * ``checkpoint_dir`` (default ``<output>.ckpt``): a checkpoint per epoch; with ``resume`` a
-      run with the same settings continues from it (a finished one is exported again as is).
-    * ``on_epoch_end(epoch)``: called after each epoch's checkpoint (one process only).
-
-    Returns the output's sidecar; ``distill`` holds the summary (accuracies, parameters, losses).
-    """
-    torch = require_torch("distill")
-    _check(alpha, temperature, hint_weight, epochs, batch, lr, nproc, width, augment, student)
-    if callable(augment) and int(nproc) > 1:
-        raise BadInput("--augment", "a Python callable cannot be sent to other processes",
-                       "pass it as module:function")
-    if on_epoch_end is not None and int(nproc) > 1:
-        raise BadInput("on_epoch_end", "is called in this process only; it cannot run with nproc > 1")
-    check_choice(device, ("auto", "cpu", "cuda"), "--device")
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise BadInput("--device", "cuda was asked for, but torch sees no GPU")
-    if use_cuda and int(nproc) > torch.cuda.device_count():
-        raise BadInput("--nproc", f"{nproc} processes need {nproc} GPUs; torch sees {torch.cuda.device_count()}",
-                       "use --device cpu, or fewer processes")
-    t_start = time.perf_counter()
-    output = Path(output)
-
-    # Teacher.
-    use_hint = float(hint_weight) > 0
-    if is_onnx_path(str(teacher)):
-        if weights is not None or input_shape is not None:
-            raise BadInput("--weights", "only applies to a torch teacher, not to an ONNX file")
-        proto = load_model(teacher)
-        if use_hint and hint is None:
-            import onnx_ir as ir
-
-            from .passes.head import find_head
-
-            hint = find_head(ir.serde.deserialize_model(proto), str(teacher)).feature
-        tdesc = {"kind": "onnx", "path": str(Path(teacher).resolve()), "hint": hint if use_hint else None,
-                 "sha256": hashlib.sha256(model_bytes(proto)).hexdigest()}
-        t = OrtTeacher(teacher, tdesc["hint"])
-        input_specs = _onnx_input_specs(proto)
-        out_name = proto.graph.output[0].name
-        t_side = read_sidecar(teacher) or {}
-        t_dataset = t_side.get("dataset")
-        from .passes.prune import count_params
-        import onnx_ir as ir
-
-        teacher_params = count_params(ir.serde.deserialize_model(proto))
-    else:
-        if hint is not None:
-            raise BadInput("--hint", "names a tensor of an ONNX teacher; a torch teacher's hint is the input of "
-                           "its last Linear layer")
-        from .sources import resolve
-
-        spec = resolve(str(teacher), input_shape=input_shape, weights=weights)
-        tdesc = {"kind": "torch", "name": str(teacher), "weights": weights, "input_shape": input_shape,
-                 "hint": use_hint}
-        t = TorchTeacher(spec, use_hint)
-        proto = None
-        input_specs = spec.inputs
-        out_name = spec.outputs[0]
-        t_dataset = spec.dataset
-        teacher_params = sum(p.numel() for p in t.net.parameters())
-        h = hashlib.sha256()
-        for k, v in sorted(t.net.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        tdesc["sha256"] = h.hexdigest()  # a checkpoint of another teacher's run is not resumed
-    input_names = [i.name for i in input_specs]
-
-    # Data.
-    train, y = _training_data(data, unlabelled, input_names, proto)
-    if proto is not None:
-        check_feeds(proto, train.inputs, train.name)
-    first_float = next((train.inputs[n] for n in input_names if train.inputs[n].dtype.kind == "f"), None)
-    is_image = first_float is not None and first_float.ndim == 4
-    if augment == "none":
-        augment = None
-    elif augment == "shift" and not is_image:
-        raise BadInput("--augment", "shift moves images; the first float input is not [N, C, H, W]",
-                       "use --augment none or a hook module:function")
-    labelled = int((y >= 0).sum())
-    if float(alpha) == 1 and labelled < len(y):
-        raise BadInput("--alpha", "1 trains on labels alone, but some samples have none",
-                       "use alpha < 1 so unlabelled samples learn from the teacher")
-    if test_data is None and isinstance(data, str) and data == "digits":
-        test_data = "digits"
-    test = labelled_data(test_data, "--test-data", proto, "test", input_names) if test_data is not None else None
-
-    # Classes: the teacher's output width; the student must match it.
-    probe = {n: train.inputs[n][:2] for n in input_names}
-    t_logits, t_feats = t(probe)
-    classes = int(t_logits.shape[1])
-    if labelled and int(y.max()) >= classes:
-        raise BadInput("--data", f"has label {int(y.max())}, but the teacher scores {classes} classes")
-    net = build_student(student, width, classes, seed)
-    try:
-        with torch.no_grad():
-            s_out = net.eval()(*(torch.as_tensor(np.ascontiguousarray(probe[n])) for n in input_names))
-    except Exception as e:
-        raise BadInput("--student", f"the student rejects the teacher's inputs: {type(e).__name__}: "
-                       f"{first_line(e, 200)}") from None
-    if not isinstance(s_out, torch.Tensor) or s_out.ndim != 2 or s_out.shape[1] != classes:
-        shape = list(s_out.shape) if isinstance(s_out, torch.Tensor) else type(s_out).__name__
-        raise BadInput("--student", f"outputs {shape} per batch, but the teacher scores {classes} classes",
-                       f"build the student with {classes} outputs")
-    s_feat_dim = None
-    if use_hint:
-        lin = last_linear(torch, net)
-        if lin is None:
-            raise BadInput("--student", "has no Linear layer whose input could learn the hint")
-        s_feat_dim = int(lin.in_features)
-    student_params = sum(p.numel() for p in net.parameters())
-
-    # Teacher targets: once, cached, unless augmentation makes the teacher run on every batch.
-    need_teacher = float(alpha) < 1 or use_hint
-    online = augment is not None and need_teacher
-    arrays = {f"input:{n}": np.ascontiguousarray(train.inputs[n]) for n in input_names}
-    arrays["labels"] = y
-    cache_hit = None
-    if need_teacher and not online:
-        key = None
-        if tdesc["kind"] == "onnx":
-            key = [tdesc["sha256"], tdesc["hint"], array_digest(train.inputs), ort().__version__]
-        logits, feats, cache_hit = _teacher_targets(t, train, cache, cache_dir, key)
-        arrays["teacher_logits"] = logits
-        if feats is not None:
-            arrays["teacher_feats"] = feats
-    t_feat_dim = None if t_feats is None else int(t_feats.shape[1])
-
-    aug_desc = None if augment is None else (augment if isinstance(augment, str) else "callable")
+def _job_config(torch, s: DistillSettings, t: _Teacher, data: _Data, st: _Student, online: bool, use_cuda: bool,
+                output: Path) -> dict:
+    """What the training loop runs (JSON-able, for DDP workers too), fingerprinted for resuming."""
+    aug = data.augment
     cfg = {
-        "teacher": tdesc, "student": student, "width": float(width), "classes": classes,
-        "input_names": input_names, "temperature": float(temperature), "alpha": float(alpha),
-        "hint_weight": float(hint_weight), "s_feat_dim": s_feat_dim, "t_feat_dim": t_feat_dim,
-        "augment": aug_desc, "online_teacher": bool(online and need_teacher), "epochs": int(epochs),
-        "batch": int(batch), "lr": float(lr), "weight_decay": float(weight_decay), "seed": int(seed),
-        "nproc": int(nproc), "cuda": bool(use_cuda), "threads": int(threads),
-        "data_sha256": array_digest({**train.inputs, "labels": y}), "torch": torch.__version__,
+        "teacher": t.desc, "student": s.student, "width": float(s.width), "classes": st.classes,
+        "input_names": t.input_names, "temperature": float(s.temperature), "alpha": float(s.alpha),
+        "hint_weight": float(s.hint_weight), "s_feat_dim": st.s_feat_dim, "t_feat_dim": st.t_feat_dim,
+        "augment": None if aug is None else (aug if isinstance(aug, str) else "callable"),
+        "online_teacher": bool(online), "epochs": int(s.epochs), "batch": int(s.batch), "lr": float(s.lr),
+        "weight_decay": float(s.weight_decay), "seed": int(s.seed), "nproc": int(s.nproc), "cuda": bool(use_cuda),
+        "threads": int(s.threads), "data_sha256": array_digest({**data.train.inputs, "labels": data.y}),
+        "torch": torch.__version__,
     }
     cfg["fingerprint"] = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else output.with_name(output.name + ".ckpt")
+    ckpt_dir = Path(s.checkpoint_dir) if s.checkpoint_dir is not None else output.with_name(output.name + ".ckpt")
     cfg["checkpoint"] = str(ckpt_dir / CHECKPOINT)
-    cfg["resume"] = bool(resume)
-    _check_checkpoint(torch, Path(cfg["checkpoint"]), cfg["fingerprint"], resume)
-
-    from . import _distill_worker as worker
-
-    if int(nproc) == 1:
-        result = worker.train(cfg, arrays, rank=0, world=1, augment_fn=augment if callable(augment) else None,
-                              teacher=t if cfg["online_teacher"] else None, on_epoch_end=on_epoch_end)
-    else:
-        result = _launch(cfg, arrays)
-    state = result["state"]
-
-    # Export the student (verified against torch) and compare it with the teacher.
-    net = build_student(student, width, classes, seed)
-    net.load_state_dict(state)
-    net.eval()
-    from .export import export_spec
-    from .spec import InputSpec, ModelSpec
-
-    sample_src = test if test is not None else train
-    real = {n: np.ascontiguousarray(sample_src.inputs[n][:32]) for n in input_names}
-    sspec = ModelSpec(
-        name=student if student not in STUDENTS else f"{student} (width {width:g}, distilled)",
-        summary=f"student of {tdesc.get('path') or tdesc.get('name')}", task="classification",
-        inputs=tuple(InputSpec(i.name, tuple(i.shape), i.dtype) for i in input_specs), outputs=(out_name,),
-        build=lambda: net, sample_inputs=_sampler(input_specs, train), real_inputs=lambda n=32: {
-            k: v[:n] for k, v in real.items()}, dataset=t_dataset, exporter="dynamo", builtin=student in STUDENTS,
-        extra={"width": float(width)} if student in STUDENTS else {})
-    step = {"step": "distill", "teacher": tdesc.get("path") and Path(tdesc["path"]).name or tdesc.get("name"),
-            "student": student, "width": float(width) if student in STUDENTS else None,
-            "temperature": float(temperature), "alpha": float(alpha), "hint_weight": float(hint_weight),
-            "hint": tdesc.get("hint"), "augment": aug_desc, "epochs": int(epochs), "batch": int(batch),
-            "lr": float(lr), "weight_decay": float(weight_decay), "seed": int(seed), "nproc": int(nproc),
-            "backend": result.get("backend"), "training_data": train.name, "samples": len(train),
-            "labelled": labelled, "train_losses": result["losses"], "resumed_from_epoch": result.get("resumed_from"),
-            "train_seconds": result.get("seconds"), "onnxopt": __version__}
-    side = export_spec(sspec, output, steps_before=[step])
-    if tdesc["kind"] == "onnx":  # count both the same way: ONNX initializers (BatchNorm folded)
-        from .passes.prune import count_params
-        import onnx_ir as ir
-
-        student_params = count_params(ir.serde.deserialize_model(load_model(output)))
-    summary = {"teacher": step["teacher"], "teacher_params": int(teacher_params), "student": student,
-               "width": step["width"], "student_params": int(student_params),
-               "params_ratio": round(student_params / max(teacher_params, 1), 4),
-               "params_counted": "ONNX initializers" if tdesc["kind"] == "onnx" else "torch parameters",
-               "classes": classes,
-               "temperature": float(temperature), "alpha": float(alpha), "hint_weight": float(hint_weight),
-               "augment": aug_desc, "epochs": int(epochs), "nproc": int(nproc), "backend": result.get("backend"),
-               "training_data": train.name, "samples": len(train), "labelled": labelled,
-               "teacher_targets": "online (augmented views)" if cfg["online_teacher"] else
-               ("cached" if cache_hit else "computed once") if need_teacher else "not used (labels only)",
-               "coverage": result.get("coverage"), "train_losses": result["losses"],
-               "resumed_from_epoch": result.get("resumed_from"), "checkpoint": cfg["checkpoint"],
-               "seconds": round(time.perf_counter() - t_start, 3)}
-    if test is not None:
-        s_proto = load_model(output)
-        sl = _predict(s_proto, test, input_names)
-        tl = np.concatenate([t({n: f[n] for n in input_names})[0] for f, _ in test.batches(256)])
-        summary.update(test_data=test.name, test_samples=len(test),
-                       teacher_acc=top1(tl, test.labels), student_acc=top1(sl, test.labels),
-                       agreement_top1=top1_agreement(tl, sl))
-        summary["drop_points"] = round(100 * (summary["teacher_acc"] - summary["student_acc"]), 4)
-    meta = {k: v for k, v in side.items() if k not in ("model", "sha256", "bytes", "io", "opset", "export_seconds")}
-    meta["distill"] = summary
-    return save_model(load_model(output), output, meta)
-
-
-def _predict(proto: onnx.ModelProto, ds: Dataset, names: list[str]) -> np.ndarray:
-    sess = make_session(proto, "cpu", None, "student")
-    return np.concatenate([run(sess, cast_feeds(proto, {n: f[n] for n in names}), "student")[0]
-                           for f, _ in ds.batches(256)])
-
-
-def _onnx_input_specs(proto: onnx.ModelProto):
-    from .artifact import io_signature
-    from .spec import InputSpec
-
-    out = []
-    for i in io_signature(proto)["inputs"]:
-        shape = tuple(("batch" if k == 0 else "seq") if not isinstance(d, int) else d
-                      for k, d in enumerate(i["shape"]))
-        out.append(InputSpec(i["name"], shape, i["dtype"] or "float32"))
-    return tuple(out)
-
-
-def _sampler(input_specs, train: Dataset):
-    """Random inputs for export verification: samples of the training data, tiled to ``batch``
-    (real values in range, which random normals may not be for e.g. token ids)."""
-
-    def sample(batch: int, seq: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(seed)
-        idx = rng.integers(0, len(train), size=batch)
-        return {i.name: np.ascontiguousarray(train.inputs[i.name][idx]) for i in input_specs}
-
-    return sample
+    cfg["resume"] = bool(s.resume)
+    _check_checkpoint(torch, Path(cfg["checkpoint"]), cfg["fingerprint"], s.resume)
+    return cfg
 
 
 def _check_checkpoint(torch, path: Path, fingerprint: str, resume: bool) -> None:
@@ -607,6 +522,15 @@ def _check_checkpoint(torch, path: Path, fingerprint: str, resume: bool) -> None
     if ck.get("fingerprint") != fingerprint:
         raise BadInput(str(path), "was written by a run with other settings, data or teacher",
                        "pass --no-resume to start over, or choose another --checkpoint-dir")
+
+
+def _run_training(cfg: dict, arrays: dict, s: DistillSettings, t: _Teacher, data: _Data) -> dict:
+    from . import _distill_worker as worker
+
+    if int(s.nproc) == 1:
+        return worker.train(cfg, arrays, rank=0, world=1, augment_fn=data.augment if callable(data.augment) else None,
+                            teacher=t.run if cfg["online_teacher"] else None, on_epoch_end=s.on_epoch_end)
+    return _launch(cfg, arrays)
 
 
 def _launch(cfg: dict, arrays: dict[str, np.ndarray]) -> dict:
@@ -640,3 +564,107 @@ def _launch(cfg: dict, arrays: dict[str, np.ndarray]) -> dict:
         ck = torch.load(cfg["checkpoint"], map_location="cpu", weights_only=True)
         result["state"] = ck["student"]
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Export the student (verified against torch)
+
+
+def _export_student(s: DistillSettings, t: _Teacher, data: _Data, cfg: dict, result: dict,
+                    output: Path) -> tuple[dict, dict]:
+    """(the exported student's sidecar, the ``distill`` step recorded in it)."""
+    net = build_student(s.student, s.width, cfg["classes"], s.seed)
+    net.load_state_dict(result["state"])
+    net.eval()
+    from .export import export_spec
+
+    builtin = s.student in STUDENTS
+    step = {"step": "distill", "teacher": t.desc.get("path") and Path(t.desc["path"]).name or t.desc.get("name"),
+            "student": s.student, "width": float(s.width) if builtin else None,
+            "temperature": float(s.temperature), "alpha": float(s.alpha), "hint_weight": float(s.hint_weight),
+            "hint": t.desc.get("hint"), "augment": cfg["augment"], "epochs": int(s.epochs), "batch": int(s.batch),
+            "lr": float(s.lr), "weight_decay": float(s.weight_decay), "seed": int(s.seed), "nproc": int(s.nproc),
+            "backend": result.get("backend"), "training_data": data.train.name, "samples": len(data.train),
+            "labelled": data.labelled, "train_losses": result["losses"],
+            "resumed_from_epoch": result.get("resumed_from"), "train_seconds": result.get("seconds"),
+            "onnxopt": __version__}
+    return export_spec(_student_spec(s, t, data, net), output, steps_before=[step]), step
+
+
+def _student_spec(s: DistillSettings, t: _Teacher, data: _Data, net):
+    from .spec import InputSpec, ModelSpec
+
+    student, width = s.student, s.width
+    sample_src = data.test if data.test is not None else data.train
+    real = {n: np.ascontiguousarray(sample_src.inputs[n][:32]) for n in t.input_names}
+    return ModelSpec(
+        name=student if student not in STUDENTS else f"{student} (width {width:g}, distilled)",
+        summary=f"student of {t.desc.get('path') or t.desc.get('name')}", task="classification",
+        inputs=tuple(InputSpec(i.name, tuple(i.shape), i.dtype) for i in t.input_specs), outputs=(t.out_name,),
+        build=lambda: net, sample_inputs=_sampler(t.input_specs, data.train), real_inputs=lambda n=32: {
+            k: v[:n] for k, v in real.items()}, dataset=t.dataset, exporter="dynamo", builtin=student in STUDENTS,
+        extra={"width": float(width)} if student in STUDENTS else {})
+
+
+def _sampler(input_specs, train: Dataset):
+    """Random inputs for export verification: samples of the training data, tiled to ``batch``
+    (real values in range, which random normals may not be for e.g. token ids)."""
+
+    def sample(batch: int, seq: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        idx = rng.integers(0, len(train), size=batch)
+        return {i.name: np.ascontiguousarray(train.inputs[i.name][idx]) for i in input_specs}
+
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Verify: the student beside the teacher (parameters, and accuracy on the test data)
+
+
+def _summary(step: dict, t: _Teacher, cfg: dict, result: dict, student_params: int, targets: str,
+             t_start: float) -> dict:
+    onnx_teacher = t.desc["kind"] == "onnx"
+    return {"teacher": step["teacher"], "teacher_params": int(t.params), "student": step["student"],
+            "width": step["width"], "student_params": int(student_params),
+            "params_ratio": round(student_params / max(t.params, 1), 4),
+            "params_counted": "ONNX initializers" if onnx_teacher else "torch parameters",
+            "classes": cfg["classes"],
+            "temperature": step["temperature"], "alpha": step["alpha"], "hint_weight": step["hint_weight"],
+            "augment": step["augment"], "epochs": step["epochs"], "nproc": step["nproc"],
+            "backend": result.get("backend"),
+            "training_data": step["training_data"], "samples": step["samples"], "labelled": step["labelled"],
+            "teacher_targets": targets,
+            "coverage": result.get("coverage"), "train_losses": result["losses"],
+            "resumed_from_epoch": result.get("resumed_from"), "checkpoint": cfg["checkpoint"],
+            "seconds": round(time.perf_counter() - t_start, 3)}
+
+
+def _compare_on_test(summary: dict, t: _Teacher, data: _Data, output: Path) -> None:
+    """Add the teacher's and the student's accuracy on the test data, and their agreement."""
+    test = data.test
+    if test is None:
+        return
+    input_names = t.input_names
+    sl = _predict(load_model(output), test, input_names)
+    tl = np.concatenate([t.run({n: f[n] for n in input_names})[0] for f, _ in test.batches(256)])
+    summary.update(test_data=test.name, test_samples=len(test),
+                   teacher_acc=top1(tl, test.labels), student_acc=top1(sl, test.labels),
+                   agreement_top1=top1_agreement(tl, sl))
+    summary["drop_points"] = round(100 * (summary["teacher_acc"] - summary["student_acc"]), 4)
+
+
+def _predict(proto: onnx.ModelProto, ds: Dataset, names: list[str]) -> np.ndarray:
+    sess = make_session(proto, "cpu", None, "student")
+    return np.concatenate([run(sess, cast_feeds(proto, {n: f[n] for n in names}), "student")[0]
+                           for f, _ in ds.batches(256)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Write the sidecar with the summary
+
+
+def _write(output: Path, side: dict, summary: dict) -> dict:
+    meta = {k: v for k, v in side.items() if k not in ("model", "sha256", "bytes", "io", "opset", "export_seconds")}
+    meta["distill"] = summary
+    return save_model(load_model(output), output, meta)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -47,11 +48,11 @@ from .artifact import atomic_write_bytes, lineage, load_model, model_bytes, save
 from .errors import BadInput, InternalError, check_choice
 from .evaluate import agreement, top1
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
-from .passes.head import LABELS_KEY, GraftHead, cut_candidates, find_head, find_value, head_forward
+from .passes.head import LABELS_KEY, GraftHead, HeadMatch, cut_candidates, find_head, find_value, head_forward
 from .progress import progress
 from .runtime import make_session, ort, run
 
-__all__ = ["head", "HEADS", "TrainedHead", "extract_features", "train_head", "fit_head", "folds_for",
+__all__ = ["head", "HeadSettings", "HEADS", "TrainedHead", "extract_features", "train_head", "fit_head", "folds_for",
            "select_classes", "few_shot", "labelled_data", "parse_classes", "cache_root", "finetune_blocks",
            "fit_torch", "deterministic_torch"]
 
@@ -62,6 +63,7 @@ CLASS_WEIGHTS = ("balanced", "none")
 GRAFT_ATOL = 1e-5
 GRAFT_RTOL = 1e-5
 FEATURE_BATCH = 64
+_NO_DATA = ("needs labelled data", "pass --data (an .npz with inputs and labels, digits, ...)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +76,7 @@ def labelled_data(data, where: str, proto: onnx.ModelProto | None = None, split:
     split; anything else goes through :func:`onnxopt.feeds.load_dataset`. ``input_names`` (a torch
     source's inputs) names a single unnamed array the way ``proto`` would."""
     if data is None:
-        raise BadInput(where, "needs labelled data", "pass --data (an .npz with inputs and labels, digits, ...)")
+        raise BadInput(where, *_NO_DATA)
     if input_names is None and proto is not None:
         inits = {i.name for i in proto.graph.initializer}
         input_names = [i.name for i in proto.graph.input if i.name not in inits]
@@ -544,24 +546,100 @@ def _with_softmax(torch, net):
 
 
 # ---------------------------------------------------------------------------------------------
+# The job's settings
+
+
+def _option(default=dataclasses.MISSING, help: str = "", **meta):
+    """A :class:`HeadSettings` field. ``help``: what ``onnxopt head --help`` says of it (empty: no
+    text); ``flag``: its CLI spelling where that is not ``--field-name`` (``--no-...`` for a switch
+    that turns a True default off: then ``help`` describes the switch); ``choices``; ``cli=False``:
+    not on the CLI."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadSettings:
+    """The options of :func:`head` and ``onnxopt head``, checked when made (a bad value is a
+    :class:`BadInput` naming its flag). ``epochs``, ``patience`` and ``lr`` left ``None`` take the
+    route's default (500, 50, 1e-2 on features; 200, 20, 1e-3 fine-tuning); ``classes`` is kept
+    parsed (``"5-9"`` becomes ``(5, 6, 7, 8, 9)``)."""
+
+    data: object = _option(help="Labelled training examples: an .npz (inputs by name + labels), 'digits' (its "
+                           "train split), an image folder or module:function.")
+    test_data: object = _option(None, "Held-out labelled data for test accuracy and the graft check ('digits' = its "
+                                "test split); samples of other classes are dropped.")
+    cut: str = _option("auto", "Where the backbone ends: auto = the classifier input and earlier block ends compared "
+                       "by cross-validated accuracy; head = the classifier input; or a tensor name.")
+    kind: str = _option("linear", "linear = softmax regression; mlp = one hidden ReLU layer.", flag="--head",
+                        choices=HEADS)
+    hidden: int = _option(128, "Hidden units of the mlp head.")
+    classes: object = _option(None, "Keep only these labels, e.g. 5-9 or 1,3,5.")
+    per_class: int | None = _option(None, "Use this many examples per class (drawn with --seed): few-shot.")
+    class_names: object = _option(None, "Comma-separated names of the sorted label values [default: the values].")
+    val_fraction: float = _option(0.2, "Validation share: 1/this folds for early stopping and choosing the cut "
+                                  "(0: none).")
+    refit: bool = _option(True, "Keep the first fold's head instead of training the final head on all examples.",
+                          flag="--no-refit")
+    epochs: int | None = _option(None, "Maximum epochs [default: 500 on features, 200 fine-tuning].")
+    patience: int | None = _option(None, "Early-stopping patience in epochs [default: 50 / 20].")
+    lr: float | None = _option(None, "Adam learning rate [default: 1e-2 on features, 1e-3 fine-tuning].")
+    weight_decay: float = _option(1e-4)
+    class_weights: str = _option("balanced", "balanced weighs each class by the inverse of its frequency "
+                                 "(imbalanced data).", choices=CLASS_WEIGHTS)
+    seed: int = _option(0)
+    softmax: bool | None = _option(None, "End with Softmax or output logits [default: as the old head did].",
+                                   flag="--softmax/--logits")
+    output_name: str | None = _option(None, "Name of the new output [default: logits or probabilities].")
+    finetune_last: int | None = _option(None, "Torch source only: also train the last N blocks of the backbone.")
+    weights: str | None = _option(None, "Torch factory source: a state_dict file.")
+    input_shape: str | None = _option(None, "Torch factory source: input shape, e.g. 1x1x8x8.")
+    max_candidates: int = _option(4, "How many cut points --cut auto compares.", cli=False)
+    cache_dir: str | os.PathLike | None = _option(None, "Feature cache folder [default: ~/.cache/onnxopt].")
+    cache: bool = _option(True, "Do not read or write cached features.", flag="--no-cache")
+
+    def __post_init__(self):
+        check_choice(self.kind, HEADS, "--head")
+        check_choice(self.class_weights, CLASS_WEIGHTS, "--class-weights")
+        if int(self.hidden) < 1:
+            raise BadInput("--hidden", "must be >= 1")
+        if int(self.epochs or 1) < 1:
+            raise BadInput("--epochs", "must be >= 1")
+        if int(self.patience or 1) < 1:
+            raise BadInput("--patience", "must be >= 1")
+        if self.lr is not None and not (float(self.lr) > 0 and np.isfinite(self.lr)):
+            raise BadInput("--lr", f"must be > 0, got {self.lr}")
+        if not (float(self.weight_decay) >= 0):
+            raise BadInput("--weight-decay", "must be >= 0")
+        if self.finetune_last is not None and int(self.finetune_last) < 0:
+            raise BadInput("--finetune-last", "must be >= 0")
+        object.__setattr__(self, "classes", parse_classes(self.classes))
+
+
+def _settings(settings: HeadSettings | None, options: dict) -> HeadSettings:
+    """``HeadSettings(**options)``, or ``settings`` with ``options`` replaced. An unknown option is
+    a :class:`BadInput` naming it, with the nearest option's name."""
+    names = [f.name for f in dataclasses.fields(HeadSettings)]
+    for key in options:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            raise BadInput("--" + key.replace("_", "-"), f"'{key}' is not an option of head",
+                           f"did you mean '{near[0]}'?" if near else f"options: {', '.join(names)}")
+    if settings is None:
+        if "data" not in options:
+            raise BadInput("--data", *_NO_DATA)
+        return HeadSettings(**options)
+    if not isinstance(settings, HeadSettings):
+        raise BadInput("settings", f"must be a HeadSettings, not {type(settings).__name__}")
+    return dataclasses.replace(settings, **options) if options else settings
+
+
+def _route(s: HeadSettings, epochs: int, patience: int, lr: float, **more) -> HeadSettings:
+    """``s`` with a route's defaults for ``epochs``, ``patience`` and ``lr`` where they are unset (or 0)."""
+    return dataclasses.replace(s, epochs=s.epochs or epochs, patience=s.patience or patience, lr=s.lr or lr, **more)
+
+
+# ---------------------------------------------------------------------------------------------
 # The job
-
-
-def _check_options(kind, hidden, class_weights, epochs, patience, lr, weight_decay, finetune_last):
-    check_choice(kind, HEADS, "--head")
-    check_choice(class_weights, CLASS_WEIGHTS, "--class-weights")
-    if int(hidden) < 1:
-        raise BadInput("--hidden", "must be >= 1")
-    if int(epochs) < 1:
-        raise BadInput("--epochs", "must be >= 1")
-    if int(patience) < 1:
-        raise BadInput("--patience", "must be >= 1")
-    if lr is not None and not (float(lr) > 0 and np.isfinite(lr)):
-        raise BadInput("--lr", f"must be > 0, got {lr}")
-    if not (float(weight_decay) >= 0):
-        raise BadInput("--weight-decay", "must be >= 0")
-    if finetune_last is not None and int(finetune_last) < 0:
-        raise BadInput("--finetune-last", "must be >= 0")
 
 
 def _class_map(y: np.ndarray, class_names) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -591,36 +669,11 @@ def _map_test(test: Dataset | None, classes: np.ndarray) -> tuple[Dataset | None
             int((~keep).sum()))
 
 
-def head(
-    model: str | Path,
-    output: str | Path,
-    *,
-    data,
-    test_data=None,
-    cut: str = "auto",
-    kind: str = "linear",
-    hidden: int = 128,
-    classes=None,
-    per_class: int | None = None,
-    class_names=None,
-    val_fraction: float = 0.2,
-    refit: bool = True,
-    epochs: int | None = None,
-    patience: int | None = None,
-    lr: float | None = None,
-    weight_decay: float = 1e-4,
-    class_weights: str = "balanced",
-    seed: int = 0,
-    softmax: bool | None = None,
-    output_name: str | None = None,
-    finetune_last: int | None = None,
-    weights: str | None = None,
-    input_shape: str | None = None,
-    max_candidates: int = 4,
-    cache_dir: str | os.PathLike | None = None,
-    cache: bool = True,
-) -> dict:
+def head(model: str | Path, output: str | Path, *, settings: HeadSettings | None = None, **options) -> dict:
     """Replace the classifier head of ``model`` with one trained on ``data``; write ``output``.
+
+    The options are the fields of :class:`HeadSettings` (``settings=``, or by keyword; keywords
+    given with ``settings`` replace its values):
 
     * ``model``: an ``.onnx`` file, a built-in model name or a factory ``module:function``
       (``weights``/``input_shape`` as for export).
@@ -641,51 +694,180 @@ def head(
     """
     from .sources import is_onnx_path, resolve
 
-    _check_options(kind, hidden, class_weights, epochs or 1, patience or 1, lr, weight_decay, finetune_last)
-    common = dict(data=data, test_data=test_data, kind=kind, hidden=hidden, classes=parse_classes(classes),
-                  per_class=per_class, class_names=class_names, val_fraction=val_fraction, refit=refit,
-                  weight_decay=weight_decay, class_weights=class_weights, seed=seed, output_name=output_name)
-    onnx_route = dict(cut=cut, epochs=epochs or 500, patience=patience or 50, lr=lr or 1e-2, softmax=softmax,
-                      max_candidates=max_candidates, cache_dir=cache_dir, cache=cache)
+    s = _settings(settings, options)
+    on_features = _route(s, 500, 50, 1e-2)
     if isinstance(model, (str, Path)) and is_onnx_path(str(model)):
-        if finetune_last:
+        if s.finetune_last:
             raise BadInput("--finetune-last", f"unfreezing blocks needs the torch source, not the ONNX file {model}",
                            "name a built-in model or a factory module:function")
-        if weights is not None or input_shape is not None:
+        if s.weights is not None or s.input_shape is not None:
             raise BadInput("--weights", "only applies to a torch source, not to an ONNX file")
-        return _head_onnx(model, output, **common, **onnx_route)
-    spec = resolve(str(model), input_shape=input_shape, weights=weights) if isinstance(model, str) else model
-    if not finetune_last:  # frozen backbone: export it, then the ONNX route
+        return _head_onnx(model, output, on_features)
+    spec = resolve(str(model), input_shape=s.input_shape, weights=s.weights) if isinstance(model, str) else model
+    if not s.finetune_last:  # frozen backbone: export it, then the ONNX route
         from .export import export_spec
 
         with tempfile.TemporaryDirectory(prefix="onnxopt-head.") as tmp:
             src = Path(tmp) / "backbone.onnx"
             export_spec(spec, src)
-            return _head_onnx(src, output, **common, **onnx_route)
-    if cut not in ("auto", "head"):
+            return _head_onnx(src, output, on_features)
+    if s.cut not in ("auto", "head"):
         raise BadInput("--cut", "with --finetune-last the head replaces the model's last Linear layer",
                        "leave --cut out, or use --finetune-last 0 to cut a frozen backbone")
-    return _head_torch(spec, output, **common, epochs=epochs or 200, patience=patience or 20, lr=lr or 1e-3,
-                       softmax=bool(softmax), finetune_last=int(finetune_last))
+    return _head_torch(spec, output, _route(s, 200, 20, 1e-3, softmax=bool(s.softmax),
+                                            finetune_last=int(s.finetune_last)))
 
 
-def _training_sets(data, test_data, proto, classes_sel, per_class, seed, class_names, input_names=None):
-    train = labelled_data(data, "--data", proto, "train", input_names)
-    train = select_classes(train, classes_sel)
-    train = few_shot(train, per_class, seed)
-    y_raw = check_labels(train, "--data")
-    classes, names, y = _class_map(y_raw, class_names)
-    test = None
-    dropped = 0
-    if test_data is not None:
-        test = labelled_data(test_data, "--test-data", proto, "test", input_names)
+@dataclasses.dataclass
+class _Labelled:
+    """A job's training examples (``y``: labels mapped to 0..K-1 for ``classes``, named ``names``)
+    and its held-out test data (``dropped``: its samples of other classes)."""
+
+    train: Dataset
+    y: np.ndarray
+    classes: np.ndarray
+    names: list[str]
+    test: Dataset | None
+    dropped: int
+
+    def label_fields(self) -> dict:
+        return {"classes": len(self.classes), "labels": self.names, "label_values": [int(c) for c in self.classes]}
+
+    def test_fields(self) -> dict:
+        return {"test_data": None if self.test is None else self.test.name,
+                "test_samples": None if self.test is None else len(self.test),
+                "test_dropped_other_classes": self.dropped}
+
+
+def _training_sets(s: HeadSettings, proto, input_names=None) -> _Labelled:
+    train = labelled_data(s.data, "--data", proto, "train", input_names)
+    train = select_classes(train, s.classes)
+    train = few_shot(train, s.per_class, s.seed)
+    classes, names, y = _class_map(check_labels(train, "--data"), s.class_names)
+    test, dropped = None, 0
+    if s.test_data is not None:
+        test = labelled_data(s.test_data, "--test-data", proto, "test", input_names)
         test, dropped = _map_test(test, classes)
-    return train, y, classes, names, test, dropped
+    return _Labelled(train, y, classes, names, test, dropped)
 
 
-def _head_onnx(model_path, output, *, data, test_data, cut, kind, hidden, classes, per_class, class_names,
-               val_fraction, refit, epochs, patience, lr, weight_decay, class_weights, seed, softmax, output_name,
-               max_candidates, cache_dir, cache) -> dict:
+def _folds(y: np.ndarray, s: HeadSettings) -> tuple[int, np.ndarray | None]:
+    """(number of validation folds, the fold of each sample or None)."""
+    k = _fold_count(s.val_fraction)
+    return k, folds_for(y, k, s.seed) if k else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The ONNX route: features at the cut candidates, a head on each, the best one grafted
+
+
+@dataclasses.dataclass
+class _Cuts:
+    """The old classifier (if found), the cut candidates (scores are added to them) and how the
+    cut is chosen: ``auto``, ``head`` or ``user``."""
+
+    head_match: HeadMatch | None
+    cands: list[dict]
+    choice: str
+
+    def summary(self, chosen: str, k: int) -> dict:
+        """The cut's part of the job summary: the cut and why, the old classifier, the candidates."""
+        h, several, auto = self.head_match, len(self.cands) > 1, self.choice == "auto"
+        why = ("best cross-validated accuracy of the candidates" if auto and several and k
+               else "the classifier input (no validation folds to choose by)" if auto and several
+               else "the classifier input" if self.choice in ("auto", "head") else "named by the user")
+        keys = ("name", "op", "shape", "features", "val_acc", "val_loss", "folds", "chosen")
+        return {"route": "features", "cut": chosen, "cut_choice": self.choice, "cut_why": why,
+                "classifier": None if h is None else {"kind": h.kind, "feature": h.feature, "outputs": list(h.outputs),
+                                                      "score_ops": list(h.score_ops), "classes": h.classes},
+                "candidates": [{key: c[key] for key in keys} for c in self.cands]}
+
+
+def _cut_choice(model: ir.Model, s: HeadSettings, where: str) -> _Cuts:
+    """The cut: the classifier input by default; candidates to compare for "auto"."""
+    if s.cut in ("auto", "head"):
+        head_match = find_head(model, where)
+        limit = max(1, int(s.max_candidates)) if s.cut == "auto" else 1
+        return _Cuts(head_match, cut_candidates(model, head_match.feature, limit=limit), s.cut)
+    v = find_value(model, s.cut)
+    if v is None:
+        raise BadInput("--cut", f"no tensor named '{s.cut}' in {where}", _candidates_hint(model))
+    try:
+        head_match = find_head(model, where)
+    except BadInput:
+        head_match = None
+    op = v.producer().op_type if v.producer() else "input"
+    return _Cuts(head_match, [{"name": s.cut, "shape": None, "features": None, "op": op}], "user")
+
+
+def _features(proto, ds: Dataset, cuts: list[str], s: HeadSettings, where: str, stats: dict) -> dict:
+    return extract_features(proto, ds, cuts, cache_dir=s.cache_dir, cache=s.cache, where=where, stats=stats)
+
+
+def _score_cuts(feats: dict, cuts: _Cuts, sets: _Labelled, folds, k: int, s: HeadSettings):
+    """A head trained on each candidate's features (cross-validated when there is a cut to choose
+    or a refit to size), its scores recorded in the candidate; (index of the best, the heads)."""
+    kw = dict(classes=len(sets.classes), kind=s.kind, hidden=s.hidden, epochs=s.epochs, patience=s.patience, lr=s.lr,
+              weight_decay=s.weight_decay, class_weights=s.class_weights, seed=s.seed)
+    cands, heads = cuts.cands, []
+    with deterministic_torch():
+        for c in progress(cands, desc="cut candidates", unit="cut"):
+            x = feats[c["name"]]
+            c["features"] = int(np.prod(x.shape[1:]))
+            c["shape"] = [None] + list(x.shape[1:])
+            h, summ = fit_head(x, sets.y, folds, k=k, refit=s.refit, cv=len(cands) > 1 or s.refit, **kw)
+            c.update(val_acc=summ["val_acc"], val_loss=summ["val_loss"], folds=summ["folds"],
+                     best_epochs=summ["best_epochs"])
+            heads.append(h)
+    if len(cands) > 1 and k:
+        # Best cross-validated accuracy; ties: lower validation loss, then nearest the output.
+        best = min(range(len(cands)), key=lambda i: (-round(cands[i]["val_acc"], 9),
+                                                     round(cands[i]["val_loss"], 9), i))
+    else:
+        best = 0
+    for i, c in enumerate(cands):
+        c["chosen"] = i == best
+    return best, heads
+
+
+def _verify_graft(out_proto, output, check_ds: Dataset, check_feats: np.ndarray, trained: TrainedHead, softmax,
+                  held_out: bool) -> tuple[dict, np.ndarray]:
+    """The grafted model on ``check_ds`` against features -> head computed separately (float64):
+    (the verification record, the model's outputs). A mismatch is an :class:`InternalError`."""
+    where = f"{output} (grafted)"
+    ref = head_forward(check_feats, trained.weights, trained.biases, softmax=bool(softmax))
+    sess = make_session(out_proto, "cpu", None, where)
+    got = np.concatenate([run(sess, cast_feeds(out_proto, feeds), where)[0]
+                          for feeds, _ in check_ds.batches(FEATURE_BATCH)])
+    m = agreement(ref, got, classification=True)
+    limit = GRAFT_ATOL + GRAFT_RTOL * m.get("ref_max_abs", 0.0)
+    one = run(sess, cast_feeds(out_proto, {k: v[:1] for k, v in check_ds.inputs.items()}), where)[0]
+    passed = m["shape_ok"] and m["max_abs_err"] <= limit and m.get("top1_agreement", 1.0) == 1.0 \
+        and one.shape == (1, trained.weights[-1].shape[0])
+    verification = {"check": "grafted model vs features -> head computed separately (float64)",
+                    "data": check_ds.name, "held_out": held_out, "samples": len(check_ds),
+                    "atol": GRAFT_ATOL, "rtol": GRAFT_RTOL, **m, "batch1_shape": list(one.shape),
+                    "passed": bool(passed)}
+    if not passed:
+        # The graft is onnxopt's own graph surgery: a mismatch is a bug (exit 1), not the user's input.
+        raise InternalError(str(output), f"the grafted model differs from features -> head: max abs error "
+                            f"{m.get('max_abs_err', float('nan')):.3g} > {limit:.3g}",
+                            "this is a bug in the graft; please report it", report=verification)
+    return verification, got
+
+
+def _trained_summary(s: HeadSettings, sets: _Labelled, trained: TrainedHead, softmax, output_name: str,
+                     k: int) -> dict:
+    """The head's part of the ONNX route's summary: what it was trained on, and how."""
+    counts = np.bincount(sets.y, minlength=len(sets.names))
+    return {"head": s.kind, "hidden": s.hidden if s.kind == "mlp" else None, **sets.label_fields(),
+            "softmax": bool(softmax), "output": output_name, "training_data": sets.train.name,
+            "samples": len(sets.train), "per_class": {n: int(c) for n, c in zip(sets.names, counts)},
+            "folds": k, "refit": s.refit, "epochs": trained.epochs, "class_weights": s.class_weights, "seed": s.seed,
+            "lr": s.lr, "weight_decay": s.weight_decay, "train_acc": trained.train_acc}
+
+
+def _head_onnx(model_path, output, s: HeadSettings) -> dict:
     require = _require_torch(str(model_path))
     t_start = time.perf_counter()
     proto = load_model(model_path)
@@ -694,124 +876,41 @@ def _head_onnx(model_path, output, *, data, test_data, cut, kind, hidden, classe
 
     refuse_quantized(model, str(model_path))
     where = str(model_path)
-
-    # The cut: the classifier input by default; candidates to compare for "auto".
-    head_match = None
-    if cut in ("auto", "head"):
-        head_match = find_head(model, where)
-        if cut == "auto":
-            cands = cut_candidates(model, head_match.feature, limit=max(1, int(max_candidates)))
-        else:
-            cands = cut_candidates(model, head_match.feature, limit=1)
-        choice = cut
-    else:
-        v = find_value(model, cut)
-        if v is None:
-            raise BadInput("--cut", f"no tensor named '{cut}' in {where}", _candidates_hint(model))
-        try:
-            head_match = find_head(model, where)
-        except BadInput:
-            head_match = None
-        cands = [{"name": cut, "shape": None, "features": None, "op": v.producer().op_type if v.producer() else "input"}]
-        choice = "user"
+    cuts = _cut_choice(model, s, where)
+    softmax = s.softmax
     if softmax is None:  # as the old head did
-        softmax = bool(head_match and head_match.softmax)
-
-    train, y, classes_found, names, test, dropped = _training_sets(data, test_data, proto, classes, per_class, seed,
-                                                                   class_names)
-    k = _fold_count(val_fraction)
-    folds = folds_for(y, k, seed) if k else None
-    if k and np.bincount(y).min() < 2:
+        softmax = bool(cuts.head_match and cuts.head_match.softmax)
+    sets = _training_sets(s, proto)
+    k, folds = _folds(sets.y, s)
+    if k and np.bincount(sets.y).min() < 2:
         logger.warning("a class has a single example: it is never in a validation fold")
 
+    # A head on each candidate's features; the best one grafted.
     cache_stats: dict = {}
-    feats = extract_features(proto, train, [c["name"] for c in cands], cache_dir=cache_dir, cache=cache,
-                             where=where, stats=cache_stats)
-    kw = dict(classes=len(classes_found), kind=kind, hidden=hidden, epochs=epochs, patience=patience, lr=lr,
-              weight_decay=weight_decay, class_weights=class_weights, seed=seed)
-    scored = []
-    with deterministic_torch():
-        for c in progress(cands, desc="cut candidates", unit="cut"):
-            x = feats[c["name"]]
-            c["features"] = int(np.prod(x.shape[1:]))
-            c["shape"] = [None] + list(x.shape[1:])
-            h, summ = fit_head(x, y, folds, k=k, refit=refit, cv=len(cands) > 1 or refit, **kw)
-            c.update(val_acc=summ["val_acc"], val_loss=summ["val_loss"], folds=summ["folds"],
-                     best_epochs=summ["best_epochs"])
-            scored.append((c, h))
-    if len(scored) > 1 and k:
-        # Best cross-validated accuracy; ties: lower validation loss, then nearest the output.
-        best_i = min(range(len(scored)), key=lambda i: (-round(scored[i][0]["val_acc"], 9),
-                                                       round(scored[i][0]["val_loss"], 9), i))
-    else:
-        best_i = 0
-    chosen, trained = scored[best_i]
-    for i, (c, _) in enumerate(scored):
-        c["chosen"] = i == best_i
-
+    feats = _features(proto, sets.train, [c["name"] for c in cuts.cands], s, where, cache_stats)
+    best, heads = _score_cuts(feats, cuts, sets, folds, k, s)
+    chosen, trained = cuts.cands[best], heads[best]
     p = GraftHead(cut=chosen["name"], weights=tuple(trained.weights), biases=tuple(trained.biases),
-                  softmax=bool(softmax), output_name=output_name, labels=tuple(names))
+                  softmax=bool(softmax), output_name=s.output_name, labels=tuple(sets.names))
     t0 = time.perf_counter()
     result = p(model)
     graft_s = time.perf_counter() - t0
     out_proto = ir.serde.serialize_model(result.model)
 
     # Verify: the grafted model == features -> head computed separately, on held-out data.
-    check_ds = test if test is not None else train
-    check_feats = extract_features(proto, check_ds, [chosen["name"]], cache_dir=cache_dir, cache=cache,
-                                   where=where, stats=cache_stats)[chosen["name"]]
-    ref = head_forward(check_feats, trained.weights, trained.biases, softmax=bool(softmax))
-    sess = make_session(out_proto, "cpu", None, f"{output} (grafted)")
-    outs = []
-    for feeds, _ in check_ds.batches(FEATURE_BATCH):
-        outs.append(run(sess, cast_feeds(out_proto, feeds), f"{output} (grafted)")[0])
-    got = np.concatenate(outs)
-    m = agreement(ref, got, classification=True)
-    limit = GRAFT_ATOL + GRAFT_RTOL * m.get("ref_max_abs", 0.0)
-    one = run(sess, cast_feeds(out_proto, {k: v[:1] for k, v in check_ds.inputs.items()}), f"{output} (grafted)")[0]
-    passed = m["shape_ok"] and m["max_abs_err"] <= limit and m.get("top1_agreement", 1.0) == 1.0 \
-        and one.shape == (1, len(classes_found))
-    verification = {"check": "grafted model vs features -> head computed separately (float64)",
-                    "data": check_ds.name, "held_out": test is not None, "samples": len(check_ds),
-                    "atol": GRAFT_ATOL, "rtol": GRAFT_RTOL, **m, "batch1_shape": list(one.shape),
-                    "passed": bool(passed)}
-    if not passed:
-        # The graft is onnxopt's own graph surgery: a mismatch is a bug (exit 1), not the user's input.
-        raise InternalError(str(output), f"the grafted model differs from features -> head: max abs error "
-                            f"{m.get('max_abs_err', float('nan')):.3g} > {limit:.3g}",
-                            "this is a bug in the graft; please report it", report=verification)
-    test_acc = top1(got, check_ds.labels) if test is not None else None
+    check_ds = sets.test if sets.test is not None else sets.train
+    check_feats = _features(proto, check_ds, [chosen["name"]], s, where, cache_stats)[chosen["name"]]
+    verification, got = _verify_graft(out_proto, output, check_ds, check_feats, trained, softmax,
+                                      sets.test is not None)
+    test_acc = top1(got, check_ds.labels) if sets.test is not None else None
 
-    summary = {
-        "route": "features", "cut": chosen["name"], "cut_choice": choice,
-        "cut_why": ("best cross-validated accuracy of the candidates" if choice == "auto" and len(cands) > 1 and k
-                    else "the classifier input (no validation folds to choose by)" if choice == "auto" and len(cands) > 1
-                    else "the classifier input" if choice in ("auto", "head") else "named by the user"),
-        "classifier": None if head_match is None else {"kind": head_match.kind, "feature": head_match.feature,
-                                                        "outputs": list(head_match.outputs),
-                                                        "score_ops": list(head_match.score_ops),
-                                                        "classes": head_match.classes},
-        "candidates": [{k2: c[k2] for k2 in ("name", "op", "shape", "features", "val_acc", "val_loss", "folds",
-                                             "chosen")} for c, _ in scored],
-        "head": kind, "hidden": hidden if kind == "mlp" else None, "classes": len(classes_found),
-        "labels": names, "label_values": [int(c) for c in classes_found], "softmax": bool(softmax),
-        "output": p.output_name, "training_data": train.name, "samples": len(train),
-        "per_class": {n: int(c) for n, c in zip(names, np.bincount(y, minlength=len(names)))},
-        "folds": k, "refit": refit, "epochs": trained.epochs, "class_weights": class_weights, "seed": seed,
-        "lr": lr, "weight_decay": weight_decay,
-        "train_acc": trained.train_acc, "val_acc": chosen["val_acc"], "test_acc": test_acc,
-        "test_data": None if test is None else test.name, "test_samples": None if test is None else len(test),
-        "test_dropped_other_classes": dropped, "feature_cache": cache_stats,
-        "seconds": round(time.perf_counter() - t_start, 3),
-    }
+    summary = {**cuts.summary(chosen["name"], k), **_trained_summary(s, sets, trained, softmax, p.output_name, k),
+               "val_acc": chosen["val_acc"], "test_acc": test_acc, **sets.test_fields(), "feature_cache": cache_stats,
+               "seconds": round(time.perf_counter() - t_start, 3)}
     step = {"step": "head", "route": "features", "settings": p.settings(), "seconds": round(graft_s, 3),
             "stats": result.stats, "onnxopt": __version__, "torch": require.__version__.split("+")[0]}
     meta = lineage(model_path, step)
-    meta["task"] = "classification"
-    meta["dataset"] = None
-    meta["labels"] = names
-    meta["head"] = summary
-    meta["verification"] = verification
+    meta.update(task="classification", dataset=None, labels=sets.names, head=summary, verification=verification)
     return save_model(out_proto, output, meta)
 
 
@@ -821,97 +920,136 @@ def _require_torch(where: str):
     return require_torch(where)
 
 
-def _head_torch(spec, output, *, data, test_data, kind, hidden, classes, per_class, class_names, val_fraction,
-                refit, epochs, patience, lr, weight_decay, class_weights, seed, softmax, output_name,
-                finetune_last) -> dict:
-    torch = _require_torch(spec.name)
+# ---------------------------------------------------------------------------------------------
+# The torch route: a new classifier Linear, the last N blocks fine-tuned with it, exported
+
+
+@dataclasses.dataclass
+class _Tuned:
+    """A fine-tuned network, its training history, its blocks and trainable parameter counts."""
+
+    net: object
+    hist: dict
+    blocks: int
+    trainable: int
+    val_acc: float | None = None
+    train_acc: float | None = None
+
+
+def _finetune_net(torch, spec, s: HeadSettings, classes: int):
+    """The source network (seeded) with a new head in place of its last Linear, all frozen but the
+    head and the last ``finetune_last`` blocks: (network, trainable parameters, number of blocks)."""
+    torch.manual_seed(s.seed)
+    net = spec.build()
+    found = _classifier(torch, net)
+    if found is None:
+        raise BadInput(spec.name, "has no nn.Linear layer to replace", "use the ONNX route with --cut")
+    parent, attr, lin = found
+    blocks = finetune_blocks(torch, net, exclude=lin)
+    if s.finetune_last > len(blocks):
+        raise BadInput("--finetune-last", f"{spec.name} has {len(blocks)} blocks before its classifier, "
+                       f"not {s.finetune_last}")
+    torch.manual_seed(s.seed)
+    new = torch.nn.Linear(lin.in_features, classes) if s.kind == "linear" else torch.nn.Sequential(
+        torch.nn.Linear(lin.in_features, s.hidden), torch.nn.ReLU(), torch.nn.Linear(s.hidden, classes))
+    setattr(parent, attr, new)
+    for p_ in net.parameters():
+        p_.requires_grad_(False)
+    trainable = list(new.parameters())
+    for block in blocks[len(blocks) - s.finetune_last:]:
+        for m in block:
+            trainable += list(m.parameters(recurse=False))
+    for p_ in trainable:
+        p_.requires_grad_(True)
+    return net, trainable, len(blocks)
+
+
+def _fit_finetune(torch, spec, s: HeadSettings, sets: _Labelled, tr_idx, va_idx,
+                  n_epochs: int | None = None) -> _Tuned:
+    net, trainable, n_blocks = _finetune_net(torch, spec, s, len(sets.classes))
+    hist = fit_torch(net, trainable, sets.train.inputs, sets.y, tr_idx, va_idx, epochs=n_epochs or s.epochs,
+                     patience=s.patience, lr=s.lr, weight_decay=s.weight_decay, batch=32,
+                     class_weights=s.class_weights, classes=len(sets.classes), seed=s.seed,
+                     names=[i.name for i in spec.inputs])
+    return _Tuned(net, hist, n_blocks, sum(p_.numel() for p_ in trainable))
+
+
+def _finetune(torch, spec, s: HeadSettings, sets: _Labelled, folds, k: int) -> _Tuned:
+    """Fine-tune with early stopping on fold 0, then (``refit``) again on all examples for the best
+    epoch count; without folds, on all examples for ``epochs``."""
+    everything = np.arange(len(sets.y))
+    with deterministic_torch():
+        if k:
+            tuned = _fit_finetune(torch, spec, s, sets, np.flatnonzero(folds != 0), np.flatnonzero(folds == 0))
+            tuned.val_acc = tuned.hist["val_acc"]
+            if s.refit:
+                hist = tuned.hist
+                again = _fit_finetune(torch, spec, s, sets, everything, None, max(1, hist["best_epoch"]))
+                tuned.net = again.net
+                tuned.hist = {**again.hist, "early_stopping": {k2: hist[k2] for k2 in ("epochs", "best_epoch",
+                                                                                        "val_loss")}}
+        else:
+            tuned = _fit_finetune(torch, spec, s, sets, everything, None)
+        tuned.train_acc = _torch_accuracy(torch, tuned.net, sets.train.inputs, sets.y, [i.name for i in spec.inputs])
+    return tuned
+
+
+def _finetune_fields(s: HeadSettings, tuned: _Tuned) -> dict:
+    return {"finetune_last": s.finetune_last, "blocks": tuned.blocks, "trainable_params": int(tuned.trainable)}
+
+
+def _export_finetuned(torch, spec, output, s: HeadSettings, sets: _Labelled, tuned: _Tuned, k: int) -> dict:
+    """Export the fine-tuned network (ending with a softmax when asked) in the source's place, the
+    fine-tuning recorded as the lineage step before the export. Returns the export's sidecar."""
     from .export import export_spec
     from .spec import InputSpec
 
-    t_start = time.perf_counter()
-    names_in = [i.name for i in spec.inputs]
-    train, y, classes_found, names, test, dropped = _training_sets(data, test_data, None, classes, per_class,
-                                                                   seed, class_names, names_in)
-    for n in names_in:
-        if n not in train.inputs:
-            raise BadInput("--data", f"{train.name} has no array for the model input '{n}'",
-                           f"it has {', '.join(sorted(train.inputs))}")
-    k = _fold_count(val_fraction)
-    folds = folds_for(y, k, seed) if k else None
-    K = len(classes_found)
-
-    def build(n_epochs: int | None, tr_idx, va_idx):
-        torch.manual_seed(seed)
-        net = spec.build()
-        found = _classifier(torch, net)
-        if found is None:
-            raise BadInput(spec.name, "has no nn.Linear layer to replace", "use the ONNX route with --cut")
-        parent, attr, lin = found
-        blocks = finetune_blocks(torch, net, exclude=lin)
-        if finetune_last > len(blocks):
-            raise BadInput("--finetune-last", f"{spec.name} has {len(blocks)} blocks before its classifier, "
-                           f"not {finetune_last}")
-        torch.manual_seed(seed)
-        new = torch.nn.Linear(lin.in_features, K) if kind == "linear" else torch.nn.Sequential(
-            torch.nn.Linear(lin.in_features, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, K))
-        setattr(parent, attr, new)
-        for p_ in net.parameters():
-            p_.requires_grad_(False)
-        trainable = list(new.parameters())
-        for block in blocks[len(blocks) - finetune_last:]:
-            for m in block:
-                trainable += list(m.parameters(recurse=False))
-        for p_ in trainable:
-            p_.requires_grad_(True)
-        hist = fit_torch(net, trainable, train.inputs, y, tr_idx, va_idx, epochs=n_epochs or epochs,
-                         patience=patience, lr=lr, weight_decay=weight_decay, batch=32, class_weights=class_weights,
-                         classes=K, seed=seed, names=names_in)
-        return net, hist, len(blocks), sum(p_.numel() for p_ in trainable)
-
-    with deterministic_torch():
-        if k:
-            tr, va = np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
-            net, hist, n_blocks, n_trainable = build(None, tr, va)
-            val_acc = hist["val_acc"]
-            if refit:
-                net, hist2, _, _ = build(max(1, hist["best_epoch"]), np.arange(len(y)), None)
-                hist = {**hist2, "early_stopping": {k2: hist[k2] for k2 in ("epochs", "best_epoch", "val_loss")}}
-        else:
-            net, hist, n_blocks, n_trainable = build(None, np.arange(len(y)), None)
-            val_acc = None
-        train_acc = _torch_accuracy(torch, net, train.inputs, y, names_in)
-    final = _with_softmax(torch, net) if softmax else net
-    out_name = output_name or ("probabilities" if softmax else "logits")
-    real = {n: np.ascontiguousarray(train.inputs[n][:32]) for n in names_in}
-    tuned = dataclasses.replace(
-        spec, build=lambda: final, outputs=(out_name,), task="classification", dataset=None,
-        summary=f"{spec.summary} (new {kind} head, last {finetune_last} block(s) fine-tuned)",
+    final = _with_softmax(torch, tuned.net) if s.softmax else tuned.net
+    real = {i.name: np.ascontiguousarray(sets.train.inputs[i.name][:32]) for i in spec.inputs}
+    spec_out = dataclasses.replace(
+        spec, build=lambda: final, outputs=(_output_name(s),), task="classification", dataset=None,
+        summary=f"{spec.summary} (new {s.kind} head, last {s.finetune_last} block(s) fine-tuned)",
         real_inputs=lambda n=32: {k2: v[:n] for k2, v in real.items()},
         inputs=tuple(InputSpec(i.name, i.shape, i.dtype) for i in spec.inputs))
-    step = {"step": "head", "route": "finetune", "head": kind, "hidden": hidden if kind == "mlp" else None,
-            "finetune_last": finetune_last, "blocks": n_blocks, "trainable_params": int(n_trainable),
-            "classes": K, "labels": names, "training_data": train.name, "samples": len(train), "folds": k,
-            "refit": refit, "lr": lr, "weight_decay": weight_decay, "class_weights": class_weights, "seed": seed,
-            "epochs": hist["epochs"], "train_losses": hist["losses"], "onnxopt": __version__}
-    side = export_spec(tuned, output, steps_before=[step])
+    step = {"step": "head", "route": "finetune", "head": s.kind, "hidden": s.hidden if s.kind == "mlp" else None,
+            **_finetune_fields(s, tuned), "classes": len(sets.classes),
+            "labels": sets.names, "training_data": sets.train.name, "samples": len(sets.train), "folds": k,
+            "refit": s.refit, "lr": s.lr, "weight_decay": s.weight_decay, "class_weights": s.class_weights,
+            "seed": s.seed, "epochs": tuned.hist["epochs"], "train_losses": tuned.hist["losses"],
+            "onnxopt": __version__}
+    return export_spec(spec_out, output, steps_before=[step])
+
+
+def _output_name(s: HeadSettings) -> str:
+    return s.output_name or ("probabilities" if s.softmax else "logits")
+
+
+def _head_torch(spec, output, s: HeadSettings) -> dict:
+    torch = _require_torch(spec.name)
+    t_start = time.perf_counter()
+    sets = _training_sets(s, None, [i.name for i in spec.inputs])
+    for i in spec.inputs:
+        if i.name not in sets.train.inputs:
+            raise BadInput("--data", f"{sets.train.name} has no array for the model input '{i.name}'",
+                           f"it has {', '.join(sorted(sets.train.inputs))}")
+    k, folds = _folds(sets.y, s)
+    tuned = _finetune(torch, spec, s, sets, folds, k)
+    side = _export_finetuned(torch, spec, output, s, sets, tuned, k)
     # Labels in the model's metadata, as the ONNX route writes them; the sidecar gets the summary.
     proto = load_model(output)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = LABELS_KEY, json.dumps(names)
+    entry.key, entry.value = LABELS_KEY, json.dumps(sets.names)
     test_acc = None
-    if test is not None:
+    if sets.test is not None:
         sess = make_session(proto, "cpu", None, str(output))
-        outs = [run(sess, cast_feeds(proto, f), str(output))[0] for f, _ in test.batches(FEATURE_BATCH)]
-        test_acc = top1(np.concatenate(outs), test.labels)
+        outs = [run(sess, cast_feeds(proto, f), str(output))[0] for f, _ in sets.test.batches(FEATURE_BATCH)]
+        test_acc = top1(np.concatenate(outs), sets.test.labels)
     meta = {k2: v for k2, v in side.items() if k2 not in ("model", "sha256", "bytes", "io", "opset", "export_seconds")}
-    meta["labels"] = names
-    meta["head"] = {"route": "finetune", "cut": "input of the last Linear", "cut_choice": "torch",
-                    "head": kind, "finetune_last": finetune_last, "blocks": n_blocks,
-                    "trainable_params": int(n_trainable), "classes": K, "labels": names,
-                    "label_values": [int(c) for c in classes_found], "softmax": softmax, "output": out_name,
-                    "training_data": train.name, "samples": len(train), "folds": k, "refit": refit,
-                    "epochs": hist["epochs"], "train_acc": train_acc, "val_acc": val_acc, "test_acc": test_acc,
-                    "test_data": None if test is None else test.name,
-                    "test_samples": None if test is None else len(test), "test_dropped_other_classes": dropped,
+    meta["labels"] = sets.names
+    meta["head"] = {"route": "finetune", "cut": "input of the last Linear", "cut_choice": "torch", "head": s.kind,
+                    **_finetune_fields(s, tuned), **sets.label_fields(), "softmax": s.softmax,
+                    "output": _output_name(s), "training_data": sets.train.name, "samples": len(sets.train),
+                    "folds": k, "refit": s.refit, "epochs": tuned.hist["epochs"], "train_acc": tuned.train_acc,
+                    "val_acc": tuned.val_acc, "test_acc": test_acc, **sets.test_fields(),
                     "seconds": round(time.perf_counter() - t_start, 3)}
     return save_model(proto, output, meta)

@@ -165,3 +165,95 @@ def test_cli_distill_help_and_exit_code(work, tmp_path, monkeypatch):
     assert r.exit_code == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --student: outputs [2, 7]")
+
+
+def test_an_unknown_option_is_bad_input_with_a_suggestion(work, tmp_path):
+    from onnxopt.distill import DistillSettings, distill
+
+    with pytest.raises(BadInput, match=r"^epoch: is not an option of distill; did you mean 'epochs'\?$"):
+        distill(work / "teacher.onnx", tmp_path / "o.onnx", epoch=3)
+    with pytest.raises(BadInput, match=r"^temprature: .*did you mean 'temperature'\?"):
+        DistillSettings.from_options(temprature=3.0)
+    with pytest.raises(BadInput, match=r"^zzzzzz: is not an option of distill; options: data, student, width"):
+        DistillSettings.from_options(DistillSettings(), zzzzzz=1)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_distill_settings_validate_and_are_accepted_whole(work, tmp_path):
+    import dataclasses
+
+    from onnxopt.distill import DistillSettings, distill
+
+    s = DistillSettings()
+    assert s.epochs == 20 and s.width == 0.4 and s.augment == "none" and s.resume and s.cache
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.epochs = 3
+    for kw, match in [(dict(alpha=2), r"--alpha: must be in \[0, 1\]"), (dict(temperature=0), "--temperature"),
+                      (dict(hint_weight=-1), "--hint-weight"), (dict(epochs=0), "--epochs: must be >= 1"),
+                      (dict(lr=0), "--lr: must be > 0"), (dict(width=0), "--width"),
+                      (dict(batch=63, nproc=2), "--batch: 63 is not divisible by --nproc 2"),
+                      (dict(augment="zzz"), "--augment: 'zzz' is not one of none, shift"),
+                      (dict(student="nope"), "--student: 'nope' is neither"),
+                      (dict(augment=lambda x, g: x, nproc=2), "--augment: a Python callable cannot be sent"),
+                      (dict(on_epoch_end=print, nproc=2), "on_epoch_end: is called in this process only"),
+                      (dict(device="tpu"), "--device: 'tpu' is not one of auto, cpu, cuda")]:
+        with pytest.raises(BadInput, match=match):
+            DistillSettings(**kw)
+        with pytest.raises(BadInput, match=match):  # replacing fields checks them again
+            DistillSettings.from_options(s, **kw)
+    # settings= is what distill runs with; keywords given with it replace its fields.
+    with pytest.raises(BadInput, match="--data: distillation needs training inputs"):
+        distill(work / "teacher.onnx", tmp_path / "o.onnx", settings=DistillSettings(data=None))
+    with pytest.raises(BadInput, match="--weights: only applies to a torch teacher"):
+        distill(work / "teacher.onnx", tmp_path / "o.onnx", settings=DistillSettings(data=None), data="digits",
+                weights="w.pt")
+    with pytest.raises(BadInput, match="settings: dict is not a DistillSettings"):
+        distill(work / "teacher.onnx", tmp_path / "o.onnx", settings={"epochs": 1})
+
+
+def test_the_cli_options_are_the_settings_fields():
+    import dataclasses
+
+    import click
+
+    from onnxopt._cli_train import distill as distill_cmd
+    from onnxopt.distill import DistillSettings
+
+    params = {p.name: p for p in distill_cmd.params if isinstance(p, click.Option)}
+    for f in dataclasses.fields(DistillSettings):
+        assert f.metadata["help"] is not None
+        if not f.metadata.get("cli", True):
+            assert f.name not in params
+            continue
+        p = params[f"no_{f.name}" if f.metadata.get("flag") else f.name]
+        assert (p.help or "") == f.metadata["help"]
+        assert p.opts == [f.metadata.get("flag") or "--" + f.name.replace("_", "-")]
+        if not f.metadata.get("flag") and f.default is not None:
+            assert p.default == f.default and p.show_default
+
+
+def test_the_worker_does_not_import_the_job():
+    """No import cycle: the training loop and the models it shares with the job do not import
+    :mod:`onnxopt.distill` (checked under a bare ``onnxopt`` package, as ``onnxopt/__init__``
+    itself imports the job)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parent.parent / "onnxopt"
+    code = ("import sys, types; pkg = types.ModuleType('onnxopt'); pkg.__path__ = [sys.argv[1]]; "
+            "sys.modules['onnxopt'] = pkg\n"
+            "import onnxopt.distill_models\n"
+            "print(sorted(m for m in ('torch', 'onnxopt.distill', 'onnxopt._distill_worker') if m in sys.modules))\n"
+            "import onnxopt._distill_worker\n"
+            "print(sorted(m for m in ('onnxopt.distill', 'onnxopt.head') if m in sys.modules))\n"
+            "import onnxopt.distill\n"
+            "print(onnxopt.distill.build_student is onnxopt._distill_worker.build_student)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(pkg)], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:3] == ["[]", "[]", "True"], out.stdout + out.stderr
+    code = ("import sys, types; pkg = types.ModuleType('onnxopt'); pkg.__path__ = [sys.argv[1]]; "
+            "sys.modules['onnxopt'] = pkg\n"
+            "import onnxopt.distill\n"
+            "print(sorted(m for m in ('torch', 'onnxopt._distill_worker') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code, str(pkg)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -246,7 +246,7 @@ def digits04(tmp_path_factory) -> Path:
 
 
 def test_head_on_digits_backbone_transfers_to_new_classes(digits04, tmp_path):
-    from onnxopt.head import head
+    from onnxopt.head import HeadSettings, head
 
     out = tmp_path / "d59.onnx"
     kw = dict(data="digits", test_data="digits", classes="5-9", per_class=20, cache_dir=tmp_path / "cache")
@@ -271,7 +271,7 @@ def test_head_on_digits_backbone_transfers_to_new_classes(digits04, tmp_path):
     assert again["head"]["feature_cache"]["cache_hits"] == 5
     assert again["sha256"] == side["sha256"]
     # The classifier input only (no search): the weaker cut on this backbone.
-    plain = head(digits04, tmp_path / "d59c.onnx", cut="head", **kw)["head"]
+    plain = head(digits04, tmp_path / "d59c.onnx", settings=HeadSettings(**kw), cut="head")["head"]
     assert plain["cut"] == "view" and plain["cut_choice"] == "head" and len(plain["candidates"]) == 1
 
 
@@ -304,6 +304,61 @@ def test_bad_inputs_are_one_line_errors(digits04, tmp_path):
     with pytest.raises(BadInput, match="--finetune-last"):
         head(digits04, tmp_path / "o.onnx", data="digits", finetune_last=1)
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_unknown_option_is_bad_input_with_a_suggestion(tmp_path):
+    from onnxopt.head import HeadSettings, head
+
+    with pytest.raises(BadInput, match=r"^--epoch: 'epoch' is not an option of head; did you mean 'epochs'\?$") as e:
+        head(tmp_path / "m.onnx", tmp_path / "o.onnx", data="digits", epoch=3)
+    assert e.value.exit_code == 2
+    with pytest.raises(BadInput, match="did you mean 'per_class'"):  # also on top of settings
+        head(tmp_path / "m.onnx", tmp_path / "o.onnx", settings=HeadSettings(data="digits"), per_clas=3)
+    with pytest.raises(BadInput, match="--data: needs labelled data"):
+        head(tmp_path / "m.onnx", tmp_path / "o.onnx", cut="head")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("bad, match", [(dict(hidden=0), "--hidden: must be >= 1"),
+                                        (dict(kind="svm"), "--head: 'svm' is not one of linear, mlp"),
+                                        (dict(lr=-1.0), "--lr: must be > 0, got -1.0"),
+                                        (dict(classes="a-b"), "--classes: 'a-b' is not a list of class ids"),
+                                        (dict(finetune_last=-1), "--finetune-last: must be >= 0")])
+def test_head_settings_validate_values(bad, match):
+    import dataclasses
+
+    from onnxopt.head import HeadSettings
+
+    with pytest.raises(BadInput, match=match) as e:
+        HeadSettings(data="digits", **bad)
+    assert e.value.exit_code == 2
+    s = HeadSettings(data="digits", classes="5-7")
+    assert s.classes == (5, 6, 7) and s.epochs is None and s.cut == "auto"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.cut = "head"
+    with pytest.raises(BadInput, match="--hidden"):  # replace checks again
+        dataclasses.replace(s, hidden=0)
+
+
+def test_cli_head_options_are_the_settings_fields(tmp_path):
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from onnxopt._cli_train import head as head_cmd
+    from onnxopt.cli import _Group
+    from onnxopt.head import HeadSettings
+
+    fields = {f.name: f for f in dataclasses.fields(HeadSettings)}
+    params = {p.name: p for p in head_cmd.params if p.name in fields}
+    assert set(params) == {n for n, f in fields.items() if f.metadata.get("cli", True)}
+    for name, p in params.items():
+        assert (p.help or "") == fields[name].metadata["help"], name
+    assert params["kind"].opts == ["--head"] and params["refit"].opts == ["--no-refit"]
+    r = CliRunner().invoke(_Group("onnxopt", commands={"head": head_cmd}),
+                           ["head", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--data", "digits",
+                            "--hidden", "0"])
+    assert r.exit_code == 2 and r.stderr.strip() == "error: --hidden: must be >= 1"
 
 
 def test_cli_head_exit_codes_and_help(digits04, tmp_path):

@@ -280,6 +280,16 @@ def _downstream_outputs(model: ir.Model, cut: ir.Value) -> list[ir.Value]:
     return [o for o in model.graph.outputs if o in reach]
 
 
+def _free_prefix(graph: ir.Graph) -> str:
+    """``head``, else ``_head``, ``__head``...: a prefix no tensor name in ``graph`` starts with."""
+    prefix = "head"
+    taken = {v.name for v in graph.inputs} | set(graph.initializers) | {
+        o.name for n in graph for o in n.outputs}
+    while any(t.startswith(prefix + ".") for t in taken if t):
+        prefix = "_" + prefix
+    return prefix
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class GraftHead(ir.passes.FunctionalPass):
     """Put a trained head on the tensor ``cut`` in place of the old head.
@@ -350,6 +360,29 @@ class GraftHead(ir.passes.FunctionalPass):
         work = model.clone()
         graph = work.graph
         old_nodes = list(graph)
+        cut, replaced = self._cut_and_replaced(work)
+        new_nodes, x = self._head_nodes(graph, cut, _free_prefix(graph))
+        graph.extend(new_nodes)
+        x.dtype = ir.DataType.FLOAT
+        batch = cut.shape[0] if cut.shape is not None and len(cut.shape) else "batch"
+        x.shape = ir.Shape([batch, self.classes])
+        self._rewire(work, x, replaced)
+        removed = Counter(n.op_type for n in old_nodes if n.graph is None)
+        added = Counter(n.op_type for n in new_nodes)
+        stats = {
+            "cut": self.cut, "features": self.features, "classes": self.classes,
+            "layers": [list(w.shape) for w in self.weights],
+            "head_params": int(sum(w.size + b.size for w, b in zip(self.weights, self.biases))),
+            "replaced_outputs": [o.name for o in replaced], "output": self.output_name,
+            "nodes_before": len(old_nodes), "nodes_after": sum(1 for _ in graph),
+            "ops_removed": dict(sorted(removed.items())), "ops_added": dict(sorted(added.items())),
+        }
+        logger.info("grafted a %s head on %s", "x".join(str(w.shape[0]) for w in self.weights), self.cut)
+        return PassResult(work, modified=True, stats=stats)
+
+    def _cut_and_replaced(self, work: ir.Model) -> tuple[ir.Value, list[ir.Value]]:
+        """The cut tensor of ``work`` (checked against the head) and the outputs the head replaces."""
+        graph = work.graph
         cut = find_value(work, self.cut)
         if cut is None:
             raise BadInput("--cut", f"no tensor named '{self.cut}' in the model")
@@ -364,19 +397,17 @@ class GraftHead(ir.passes.FunctionalPass):
         if size is not None and size != self.features:
             raise BadInput("--cut", f"'{self.cut}' has {size} features per sample, the head reads {self.features}")
         if self.replace is None:
-            replaced = _downstream_outputs(work, cut)
-        else:
-            by_name = {o.name: o for o in graph.outputs}
-            missing = [n for n in self.replace if n not in by_name]
-            if missing:
-                raise BadInput("replace", f"no graph output named {', '.join(missing)}")
-            replaced = [by_name[n] for n in self.replace]
+            return cut, _downstream_outputs(work, cut)
+        by_name = {o.name: o for o in graph.outputs}
+        missing = [n for n in self.replace if n not in by_name]
+        if missing:
+            raise BadInput("replace", f"no graph output named {', '.join(missing)}")
+        return cut, [by_name[n] for n in self.replace]
 
-        prefix = "head"
-        taken = {v.name for v in graph.inputs} | set(graph.initializers) | {
-            o.name for n in graph for o in n.outputs}
-        while any(t.startswith(prefix + ".") for t in taken if t):
-            prefix = "_" + prefix
+    def _head_nodes(self, graph: ir.Graph, cut: ir.Value, prefix: str) -> tuple[list[ir.Node], ir.Value]:
+        """The head's nodes on ``cut`` (its weights registered as initializers of ``graph``), named
+        ``prefix/...``, and the value they end with."""
+        new_nodes: list[ir.Node] = []
 
         def init(name: str, arr: np.ndarray) -> ir.Value:
             v = ir.Value(name=f"{prefix}.{name}", shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.FLOAT),
@@ -384,36 +415,30 @@ class GraftHead(ir.passes.FunctionalPass):
             graph.register_initializer(v)
             return v
 
-        new_nodes: list[ir.Node] = []
+        def add(op: str, inputs: list, attributes: dict | None, name: str, output: str) -> ir.Value:
+            n = ir.node(op, inputs, attributes, name=f"{prefix}/{name}")
+            n.outputs[0].name = f"{prefix}.{output}"
+            new_nodes.append(n)
+            return n.outputs[0]
+
         x = cut
         rank = len(cut.shape) if cut.shape is not None else None
         if rank != 2:
-            n = ir.node("Flatten", [x], {"axis": 1}, name=f"{prefix}/Flatten")
-            n.outputs[0].name = f"{prefix}.flat"
-            new_nodes.append(n)
-            x = n.outputs[0]
+            x = add("Flatten", [x], {"axis": 1}, "Flatten", "flat")
         last = len(self.weights) - 1
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            n = ir.node("Gemm", [x, init(f"{i}.weight", w), init(f"{i}.bias", b)], {"transB": 1},
-                        name=f"{prefix}/Gemm_{i}")
-            n.outputs[0].name = f"{prefix}.{i}.out"
-            new_nodes.append(n)
-            x = n.outputs[0]
+            x = add("Gemm", [x, init(f"{i}.weight", w), init(f"{i}.bias", b)], {"transB": 1}, f"Gemm_{i}",
+                    f"{i}.out")
             if i < last:
-                n = ir.node("Relu", [x], name=f"{prefix}/Relu_{i}")
-                n.outputs[0].name = f"{prefix}.{i}.relu"
-                new_nodes.append(n)
-                x = n.outputs[0]
+                x = add("Relu", [x], None, f"Relu_{i}", f"{i}.relu")
         if self.softmax:
-            n = ir.node("Softmax", [x], {"axis": 1}, name=f"{prefix}/Softmax")
-            n.outputs[0].name = f"{prefix}.probs"
-            new_nodes.append(n)
-            x = n.outputs[0]
-        graph.extend(new_nodes)
-        x.dtype = ir.DataType.FLOAT
-        batch = cut.shape[0] if cut.shape is not None and len(cut.shape) else "batch"
-        x.shape = ir.Shape([batch, self.classes])
+            x = add("Softmax", [x], {"axis": 1}, "Softmax", "probs")
+        return new_nodes, x
 
+    def _rewire(self, work: ir.Model, x: ir.Value, replaced: list[ir.Value]) -> None:
+        """``x`` becomes the graph output in place of the first of ``replaced`` (the others go),
+        named ``output_name``; what nothing uses any more is removed; the labels are recorded."""
+        graph = work.graph
         outputs = list(graph.outputs)
         pos = min((outputs.index(o) for o in replaced), default=len(outputs))
         kept = [o for o in outputs if o not in replaced]
@@ -430,15 +455,3 @@ class GraftHead(ir.passes.FunctionalPass):
             work.metadata_props[LABELS_KEY] = json.dumps(list(self.labels))
         else:
             work.metadata_props.pop(LABELS_KEY, None)
-        removed = Counter(n.op_type for n in old_nodes if n.graph is None)
-        added = Counter(n.op_type for n in new_nodes)
-        stats = {
-            "cut": self.cut, "features": self.features, "classes": self.classes,
-            "layers": [list(w.shape) for w in self.weights],
-            "head_params": int(sum(w.size + b.size for w, b in zip(self.weights, self.biases))),
-            "replaced_outputs": [o.name for o in replaced], "output": self.output_name,
-            "nodes_before": len(old_nodes), "nodes_after": sum(1 for _ in graph),
-            "ops_removed": dict(sorted(removed.items())), "ops_added": dict(sorted(added.items())),
-        }
-        logger.info("grafted a %s head on %s", "x".join(str(w.shape[0]) for w in self.weights), self.cut)
-        return PassResult(work, modified=True, stats=stats)
