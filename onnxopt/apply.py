@@ -21,13 +21,20 @@ from .runner import Step, calibration_feeds, make_pass, needs_calibration, regis
 __all__ = ["apply", "simplify"]
 
 
-def apply(pass_name: str, model_path: str | Path, output: str | Path, *, label: str | None = None,
-          min_random_cosine: float | None = None, **options) -> dict:
+def apply(pass_name: str, model_path: str | Path, output: str | Path, **options) -> dict:
     """Run the pass ``pass_name`` with ``options`` (its settings, plus ``data``/``preprocess`` and
     gates such as ``max_drop``) on ``model_path``; verify the result against the input on random
-    inputs and the data; write it with its sidecar to ``output``. ``min_random_cosine``: refuse
-    (VerificationFailed, exit 3) a result whose outputs on random inputs stray further from the
-    input's. Raises GateFailed (exit 3, model written) when a gate fails."""
+    inputs and the data; write it with its sidecar to ``output``. Raises GateFailed (exit 3, model
+    written) when a gate fails. Every keyword is the pass's, the data's or a gate's: nothing of
+    the job's own can shadow a setting of a pass added later."""
+    return _apply(pass_name, model_path, output, options)
+
+
+def _apply(pass_name: str, model_path, output, options: dict, label: str | None = None,
+           min_random_cosine: float | None = None) -> dict:
+    """:func:`apply`; ``label`` names the variant in the verification; ``min_random_cosine``:
+    refuse (VerificationFailed, exit 3) a result whose outputs on random inputs stray further
+    from the input's."""
     if pass_name not in registry():
         make_pass(pass_name, {}, where="pass")  # raises: unknown pass, with the nearest name
     data_opts, gate_opts, settings = split(options, DataOptions, Gates, registry()[pass_name])
@@ -59,4 +66,4 @@ def simplify(model_path: str | Path, output: str | Path, **settings) -> dict:
     ``transformer``, ``num_heads``, ``hidden_size``, ``gelu_approximation``, ``skip_layer_norm``),
     verify against the input (random inputs; a cosine under 0.999 is a VerificationFailed), write
     with lineage. Returns the output's sidecar (``steps[-1]["stats"]`` has fusions and op counts)."""
-    return apply("simplify", model_path, output, label="simplified", min_random_cosine=0.999, **settings)
+    return _apply("simplify", model_path, output, settings, label="simplified", min_random_cosine=0.999)

@@ -235,27 +235,22 @@ def _memory(path: str, feeds: dict[str, np.ndarray], threads: int) -> float | No
     return max(0.0, (rec["hwm_kb"] - rec["rss_before_kb"]) / 1024.0)
 
 
-def bench(
-    models: list[str | Path],
-    *,
-    settings: BenchSettings | None = None,
-    data: str | Dataset | None = None,
-    torch_ref: str | None = None,
-    names: list[str] | None = None,
-) -> dict:
-    """Benchmark ONNX files side by side; the first is the reference for ratios and agreement.
+@dataclass
+class _BenchPlan:
+    """What one :func:`bench` run resolved from its arguments, shared by its stages."""
 
-    ``data``: a labelled dataset (``"digits"`` or an ``.npz``) for accuracy; without it, outputs
-    are compared with the reference's. ``torch_ref``: a built-in model name or factory whose
-    PyTorch eager forward is timed as an extra row. Returns the report dict (``report.py``
-    renders it as a table, markdown or JSON).
-    """
-    settings = settings or BenchSettings()
-    if not models:
-        raise BadInput("bench", "no models given")
-    paths = [str(m) for m in models]
-    protos = [load_model(p) for p in paths]
-    names = list(names) if names else _names(paths)
+    settings: BenchSettings
+    paths: list[str]
+    protos: list[onnx.ModelProto]
+    variants: list[_Variant]
+    task: str | None
+    classification: bool | None
+    dataset: Dataset | None
+    providers: list[str]
+    skipped: list[str]
+
+
+def _check_same_inputs(paths: list[str], protos: list[onnx.ModelProto]) -> None:
     ref_sig = io_signature(protos[0])
     ref_inputs = [(i["name"], i["dtype"]) for i in ref_sig["inputs"]]
     for p, m in zip(paths[1:], protos[1:]):
@@ -263,6 +258,17 @@ def bench(
         if sig != ref_inputs:
             raise BadInput(p, f"has inputs {sig}, but the reference {paths[0]} has {ref_inputs}",
                            "side-by-side benchmarks need models with the same inputs")
+
+
+def _plan(models: list[str | Path], settings: BenchSettings, data: str | Dataset | None,
+          torch_ref: str | None, names: list[str] | None) -> _BenchPlan:
+    """Load and check the models, the dataset and the providers; build the variants to time."""
+    if not models:
+        raise BadInput("bench", "no models given")
+    paths = [str(m) for m in models]
+    protos = [load_model(p) for p in paths]
+    names = list(names) if names else _names(paths)
+    _check_same_inputs(paths, protos)
     # The task decides the agreement metric (top-1 for classifiers, cosine for embeddings); a
     # file exported by onnxopt says it in its sidecar, a bare file falls back to a guess.
     task = (read_sidecar(paths[0]) or {}).get("task")
@@ -284,70 +290,131 @@ def bench(
                        "install onnxruntime-gpu for CUDA (see README), or use --provider cpu")
     for p in skipped:
         logger.warning("provider %s is not available in this onnxruntime build; skipped", p)
+    return _BenchPlan(settings, paths, protos, variants, task, classification, dataset, providers, skipped)
 
+
+def _random_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
+    s = plan.settings
+    return random_feeds(plan.protos[0], batch, s.seq, s.seed, plan.paths[0])
+
+
+def _batch_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
+    """The first ``batch`` dataset samples when there are enough, else random inputs."""
+    dataset = plan.dataset
+    if dataset is not None and len(dataset) >= batch:
+        return cast_feeds(plan.protos[0], {k: v[:batch] for k, v in dataset.inputs.items()})
+    return _random_feeds(plan, batch)
+
+
+def _first_outputs(runnable: list[_Variant], feeds) -> dict[str, list]:
+    """One untimed run of each variant: its outputs, and a clear error for one that fails."""
+    outs = {}
+    for v in runnable:
+        try:
+            outs[v.name] = v.run_once(feeds)
+        except Exception as e:
+            raise BadInput(v.path or v.name, f"fails on the benchmark inputs: "
+                           f"{first_line(e)}") from None
+    return outs
+
+
+def _timing_rows(plan: _BenchPlan, runnable: list[_Variant], outs: dict[str, list],
+                 lat: dict[str, list[float]], config: dict) -> list[dict]:
+    """One row per variant of one (provider, threads, batch) ``config``: latency, ratio to the
+    reference, sizes and (not for the reference) agreement with the reference's outputs."""
+    rows = []
+    ref_p50 = None
+    for v in runnable:
+        stats = _percentiles(lat[v.name], config["batch"])
+        if ref_p50 is None:
+            ref_p50 = stats["p50_ms"]
+        row = {"model": v.name, "kind": v.kind, "path": v.path, **config, **stats,
+               "speedup": ref_p50 / stats["p50_ms"],
+               "load_ms": v.load_ms if v.kind == "onnx" else None, **v.sizes}
+        if v is not runnable[0]:
+            row["agreement"] = agreement(outs[runnable[0].name][0], outs[v.name][0], plan.classification)
+        rows.append(row)
+    return rows
+
+
+def _time_configuration(plan: _BenchPlan, provider: str, threads: int) -> list[dict]:
+    """Rows of one (provider, threads) configuration: fresh sessions, then every batch size."""
+    for v in plan.variants:
+        if v.kind == "onnx":
+            t0 = time.perf_counter()
+            v.session = make_session(v.path, provider, threads, v.path)
+            v.load_ms = (time.perf_counter() - t0) * 1000.0
+    runnable = [v for v in plan.variants if v.kind == "onnx" or provider == "cpu"]
+    if any(v.kind == "torch" for v in runnable):
+        import torch
+
+        torch.set_num_threads(threads)
     rows: list[dict] = []
-    accuracy: dict[str, dict] = {}
-    for provider in providers:
-        for threads in settings.thread_counts():
-            for v in variants:
-                if v.kind == "onnx":
-                    t0 = time.perf_counter()
-                    v.session = make_session(v.path, provider, threads, v.path)
-                    v.load_ms = (time.perf_counter() - t0) * 1000.0
-            runnable = [v for v in variants if v.kind == "onnx" or provider == "cpu"]
-            if any(v.kind == "torch" for v in runnable):
-                import torch
+    for batch in plan.settings.batches:
+        feeds = _batch_feeds(plan, batch)
+        outs = _first_outputs(runnable, feeds)
+        lat = _time_interleaved(runnable, feeds, plan.settings, f"{provider} t{threads} b{batch}")
+        rows += _timing_rows(plan, runnable, outs, lat,
+                             {"provider": provider, "threads": threads, "batch": batch})
+    return rows
 
-                torch.set_num_threads(threads)
-            for batch in settings.batches:
-                if dataset is not None and len(dataset) >= batch:
-                    feeds = cast_feeds(protos[0], {k: v[:batch] for k, v in dataset.inputs.items()})
-                else:
-                    feeds = random_feeds(protos[0], batch, settings.seq, settings.seed, paths[0])
-                outs = {}
-                for v in runnable:
-                    try:
-                        outs[v.name] = v.run_once(feeds)
-                    except Exception as e:
-                        raise BadInput(v.path or v.name, f"fails on the benchmark inputs: "
-                                       f"{first_line(e)}") from None
-                lat = _time_interleaved(runnable, feeds, settings,
-                                        f"{provider} t{threads} b{batch}")
-                ref_p50 = None
-                for v in runnable:
-                    stats = _percentiles(lat[v.name], batch)
-                    if ref_p50 is None:
-                        ref_p50 = stats["p50_ms"]
-                    row = {"model": v.name, "kind": v.kind, "path": v.path, "provider": provider,
-                           "threads": threads, "batch": batch, **stats,
-                           "speedup": ref_p50 / stats["p50_ms"],
-                           "load_ms": v.load_ms if v.kind == "onnx" else None, **v.sizes}
-                    if v is not runnable[0]:
-                        row["agreement"] = agreement(outs[runnable[0].name][0], outs[v.name][0], classification)
-                    rows.append(row)
-    # Accuracy and memory do not depend on the timing configuration: measure once.
-    if dataset is not None:
-        for v in variants:
-            accuracy[v.name] = _dataset_accuracy(v, protos[0], dataset)
+
+def _add_accuracy_and_memory(plan: _BenchPlan, rows: list[dict]) -> None:
+    """Accuracy and memory do not depend on the timing configuration: measure once per variant
+    and add the results to every row of that variant."""
+    settings = plan.settings
+    accuracy: dict[str, dict] = {}
+    if plan.dataset is not None:
+        for v in plan.variants:
+            accuracy[v.name] = _dataset_accuracy(v, plan.protos[0], plan.dataset)
     memory: dict[str, float | None] = {}
     if settings.memory:
-        feeds = random_feeds(protos[0], settings.batches[0], settings.seq, settings.seed, paths[0])
-        for v in progress(variants, desc="peak memory", unit="model"):
+        feeds = _random_feeds(plan, settings.batches[0])
+        for v in progress(plan.variants, desc="peak memory", unit="model"):
             if v.kind == "onnx":
                 memory[v.name] = _memory(v.path, feeds, settings.thread_counts()[0])
     for row in rows:
         if row["model"] in accuracy:
             row.update(accuracy[row["model"]])
         row["peak_mem_mb"] = memory.get(row["model"])
+
+
+def _report(plan: _BenchPlan, rows: list[dict]) -> dict:
+    dataset = plan.dataset
     return {
         "kind": "bench",
-        "reference": variants[0].name,
+        "reference": plan.variants[0].name,
         "machine": _machine(),
-        "task": task,
-        "settings": {**asdict(settings), "providers_run": providers, "providers_skipped": skipped,
+        "task": plan.task,
+        "settings": {**asdict(plan.settings), "providers_run": plan.providers, "providers_skipped": plan.skipped,
                      "dataset": dataset.name if dataset is not None else None},
         "rows": rows,
     }
+
+
+def bench(
+    models: list[str | Path],
+    *,
+    settings: BenchSettings | None = None,
+    data: str | Dataset | None = None,
+    torch_ref: str | None = None,
+    names: list[str] | None = None,
+) -> dict:
+    """Benchmark ONNX files side by side; the first is the reference for ratios and agreement.
+
+    ``data``: a labelled dataset (``"digits"`` or an ``.npz``) for accuracy; without it, outputs
+    are compared with the reference's. ``torch_ref``: a built-in model name or factory whose
+    PyTorch eager forward is timed as an extra row. Returns the report dict (``report.py``
+    renders it as a table, markdown or JSON).
+    """
+    settings = settings or BenchSettings()
+    plan = _plan(models, settings, data, torch_ref, names)
+    rows: list[dict] = []
+    for provider in plan.providers:
+        for threads in settings.thread_counts():
+            rows += _time_configuration(plan, provider, threads)
+    _add_accuracy_and_memory(plan, rows)
+    return _report(plan, rows)
 
 
 def _dataset_accuracy(v: _Variant, ref_model: onnx.ModelProto, dataset: Dataset) -> dict:

@@ -280,6 +280,166 @@ def _merge(a: _Acc, b: _Acc) -> _Acc:
     return out
 
 
+@dataclasses.dataclass(eq=False)
+class _FitContext:
+    """What every round of :func:`reconstruct` shares."""
+
+    dense: ir.Model
+    pruned: ir.Model
+    feeds: list[dict[str, np.ndarray]]
+    writer: ConstWriter
+    ridge: float | None
+    max_rows: int
+    seed: int
+    n_samples: int
+    dense_cache: list[dict[str, np.ndarray]] | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Round:
+    """One round's targets and what is accumulated for them, keyed by ``id(target)``: training
+    and held-out statistics, the starting weights (:func:`_weights`), the row samplers, and
+    the targets whose rows could not be built (with the reason)."""
+
+    ready: list[FitTarget]
+    number: int
+    accs: dict[int, _Acc]
+    vals: dict[int, _Acc]
+    fits: dict[int, tuple[np.ndarray, np.ndarray | None, dict]]
+    rngs: dict[int, np.random.Generator]
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)
+
+
+def _dense_cache(dense: ir.Model, targets: list[FitTarget],
+                 feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]] | None:
+    """The dense model's targets on every calibration batch, or None when they would take more
+    than :data:`DENSE_CACHE_BYTES` (then each round captures its own)."""
+    dense_all = Capture(dense, sorted({t.y_name for t in targets}), where="dense model (calibration)")
+    first = dense_all(feeds[0])
+    if sum(v.nbytes for v in first.values()) * len(feeds) <= DENSE_CACHE_BYTES:
+        return [first] + [dense_all(f) for f in feeds[1:]]
+    return None
+
+
+def _ready(remaining: list[FitTarget], anc: dict[ir.Node, frozenset]) -> list[FitTarget]:
+    """The targets with no unfitted target upstream of them."""
+    pending = {t.node for t in remaining}
+    ready = [t for t in remaining if not (anc.get(t.node, frozenset()) & pending)]
+    if not ready:  # cannot happen in a DAG; fit the rest in one go rather than loop
+        ready = list(remaining)
+    return ready
+
+
+def _conv_batch_rows(ctx: _FitContext, rnd: _Round, t: FitTarget, x: np.ndarray, y: np.ndarray):
+    """(rows, targets, sample index) of a Conv target on one batch, or None when im2col fails."""
+    acc = rnd.accs[id(t)]
+    kernel = const_array(t.node.inputs[1]).shape[2:]
+    if acc.frac is None:
+        per = int(np.prod(y.shape[2:])) if y.ndim > 2 else 1
+        acc.frac = min(1.0, ctx.max_rows / max(1, ctx.n_samples * per))
+    try:
+        return conv_rows(t.node, x, y, kernel, rnd.rngs[id(t)], acc.frac)
+    except ValueError as e:  # a Conv form im2col does not reproduce: keep it sliced
+        rnd.failed[id(t)] = str(e)
+        return None
+
+
+def _matrix_batch_rows(ctx: _FitContext, rnd: _Round, t: FitTarget, x: np.ndarray, y: np.ndarray):
+    """(rows, targets, sample index) of a Gemm/MatMul target on one batch, sampled down to the
+    target's share of ``max_rows``."""
+    acc = rnd.accs[id(t)]
+    k = x.shape[-1]
+    rows = x.reshape(-1, k)
+    yr = np.moveaxis(y, t.out_axis, -1).reshape(len(rows), -1)
+    per = max(1, len(rows) // max(1, len(x)))
+    sample = np.arange(len(rows)) // per
+    if acc.frac is None:
+        acc.frac = min(1.0, ctx.max_rows / max(1, ctx.n_samples * per))
+    if acc.frac < 1.0:
+        m = max(1, int(round(len(rows) * acc.frac)))
+        sel = np.sort(rnd.rngs[id(t)].choice(len(rows), m, replace=False))
+        rows, yr, sample = rows[sel], yr[sel], sample[sel]
+    return rows, yr, sample
+
+
+def _add_batch(ctx: _FitContext, rnd: _Round, t: FitTarget, x: np.ndarray, y: np.ndarray,
+               held: np.ndarray) -> None:
+    """Accumulate one batch for ``t``: its held-out samples (``held``) into ``vals``, the rest
+    into ``accs``."""
+    if t.out_keep is not None:
+        y = np.take(y, t.out_keep, axis=t.out_axis)
+    bias = rnd.fits[id(t)][1] is not None
+    if t.node.op_type == "Conv":
+        got = _conv_batch_rows(ctx, rnd, t, x, y)
+        if got is None:
+            return
+    else:
+        got = _matrix_batch_rows(ctx, rnd, t, x, y)
+    rows, yr, sample = got
+    is_val = held[np.minimum(sample, len(held) - 1)]
+    if (~is_val).any():
+        rnd.accs[id(t)].add(rows[~is_val], yr[~is_val], bias)
+    if is_val.any():
+        rnd.vals[id(t)].add(rows[is_val], yr[is_val], bias)
+
+
+def _accumulate(ctx: _FitContext, ready: list[FitTarget], number: int) -> _Round:
+    """Capture the pruned model's inputs (and, uncached, the dense targets) of ``ready`` on every
+    calibration batch and accumulate their least-squares statistics."""
+    pruned_cap = Capture(ctx.pruned, sorted({t.x_name for t in ready}), where="pruned model (calibration)")
+    dense_cap = None if ctx.dense_cache is not None else \
+        Capture(ctx.dense, sorted({t.y_name for t in ready}), where="dense model (calibration)")
+    rnd = _Round(ready, number,
+                 accs={id(t): _Acc() for t in ready},
+                 vals={id(t): _Acc() for t in ready},
+                 fits={id(t): _weights(t) for t in ready},
+                 rngs={id(t): np.random.default_rng([ctx.seed, k]) for k, t in enumerate(ready)})
+    offset = 0
+    for fi, f in enumerate(ctx.feeds):
+        n_batch = batch_size(f)
+        held = (offset + np.arange(n_batch)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+        offset += n_batch
+        ys = ctx.dense_cache[fi] if ctx.dense_cache is not None else dense_cap(f)
+        xs = pruned_cap(f)
+        for t in ready:
+            if id(t) in rnd.failed:
+                continue
+            _add_batch(ctx, rnd, t, xs[t.x_name], ys[t.y_name], held)
+    return rnd
+
+
+def _fit(ctx: _FitContext, rnd: _Round, t: FitTarget) -> dict:
+    """Solve for ``t``'s weights, write them when they lower the error; its stats row."""
+    wf, b, info = rnd.fits[id(t)]
+    train, val = rnd.accs[id(t)], rnd.vals[id(t)]
+    w0 = np.concatenate([wf, np.asarray(b, np.float64)[None, :]], 0) if b is not None else wf.astype(np.float64)
+    row = {"node": t.node.name or t.node.op_type, "op": t.node.op_type, "round": rnd.number,
+           "features": int(w0.shape[0]), "rows": train.rows + val.rows, "refit": False}
+    if train.g is None or id(t) in rnd.failed:
+        row["reason"] = rnd.failed.get(id(t), "no calibration rows")
+        return row
+    both = _merge(train, val)
+    ridge = ctx.ridge
+    if ridge is not None or val.g is None:
+        chosen = RIDGE_GRID[1] if ridge is None else float(ridge)
+        w = _solve(both.g, both.h, w0, chosen)
+        before, after, judged = _rel_err(both, w0), _rel_err(both, w), "calibration samples"
+    else:  # pick the ridge strength on the held-out samples, then fit on all
+        errs = {r: _rel_err(val, _solve(train.g, train.h, w0, r)) for r in RIDGE_GRID}
+        chosen = min(errs, key=lambda r: (errs[r], -r))
+        before, after, judged = _rel_err(val, w0), errs[chosen], "held-out samples"
+        w = _solve(both.g, both.h, w0, chosen)
+    row.update(ridge=chosen, judged_on=judged,
+               rel_error_before=round(before, 6), rel_error_after=round(min(after, before), 6))
+    if np.isfinite(w).all() and after < before:
+        if b is not None:
+            _write(t, ctx.writer, w[:-1], w[-1], info)
+        else:
+            _write(t, ctx.writer, w, None, info)
+        row["refit"] = True
+    return row
+
+
 def reconstruct(dense: ir.Model, pruned: ir.Model, targets: list[FitTarget], feeds: list[dict[str, np.ndarray]],
                 writer: ConstWriter, *, ridge: float | None = None, max_rows: int = 40_000, seed: int = 0
                 ) -> list[dict]:
@@ -287,101 +447,17 @@ def reconstruct(dense: ir.Model, pruned: ir.Model, targets: list[FitTarget], fee
     ``ridge`` None: chosen per layer from :data:`RIDGE_GRID` on held-out samples."""
     if not targets:
         return []
-    n_samples = sum(batch_size(f) for f in feeds)
+    ctx = _FitContext(dense, pruned, feeds, writer, ridge, max_rows, seed,
+                      n_samples=sum(batch_size(f) for f in feeds))
     anc = _ancestors(pruned.graph, {t.node for t in targets})
+    ctx.dense_cache = _dense_cache(dense, targets, feeds)
     remaining = list(targets)
     report: list[dict] = []
     rounds = 0
-    dense_all = Capture(dense, sorted({t.y_name for t in targets}), where="dense model (calibration)")
-    first = dense_all(feeds[0])
-    dense_cache = None
-    if sum(v.nbytes for v in first.values()) * len(feeds) <= DENSE_CACHE_BYTES:
-        dense_cache = [first] + [dense_all(f) for f in feeds[1:]]
-    del first
     while remaining:
-        pending = {t.node for t in remaining}
-        ready = [t for t in remaining if not (anc.get(t.node, frozenset()) & pending)]
-        if not ready:  # cannot happen in a DAG; fit the rest in one go rather than loop
-            ready = list(remaining)
+        ready = _ready(remaining, anc)
         rounds += 1
-        pruned_cap = Capture(pruned, sorted({t.x_name for t in ready}), where="pruned model (calibration)")
-        dense_cap = None if dense_cache is not None else \
-            Capture(dense, sorted({t.y_name for t in ready}), where="dense model (calibration)")
-        accs = {id(t): _Acc() for t in ready}
-        vals = {id(t): _Acc() for t in ready}
-        fits = {id(t): _weights(t) for t in ready}
-        rngs = {id(t): np.random.default_rng([seed, k]) for k, t in enumerate(ready)}
-        failed: dict[int, str] = {}
-        offset = 0
-        for fi, f in enumerate(feeds):
-            n_batch = batch_size(f)
-            held = (offset + np.arange(n_batch)) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-            offset += n_batch
-            ys = dense_cache[fi] if dense_cache is not None else dense_cap(f)
-            xs = pruned_cap(f)
-            for t in ready:
-                if id(t) in failed:
-                    continue
-                x, y = xs[t.x_name], ys[t.y_name]
-                if t.out_keep is not None:
-                    y = np.take(y, t.out_keep, axis=t.out_axis)
-                acc = accs[id(t)]
-                bias = fits[id(t)][1] is not None
-                if t.node.op_type == "Conv":
-                    kernel = const_array(t.node.inputs[1]).shape[2:]
-                    if acc.frac is None:
-                        per = int(np.prod(y.shape[2:])) if y.ndim > 2 else 1
-                        acc.frac = min(1.0, max_rows / max(1, n_samples * per))
-                    try:
-                        rows, yr, sample = conv_rows(t.node, x, y, kernel, rngs[id(t)], acc.frac)
-                    except ValueError as e:  # a Conv form im2col does not reproduce: keep it sliced
-                        failed[id(t)] = str(e)
-                        continue
-                else:
-                    k = x.shape[-1]
-                    rows = x.reshape(-1, k)
-                    yr = np.moveaxis(y, t.out_axis, -1).reshape(len(rows), -1)
-                    per = max(1, len(rows) // max(1, len(x)))
-                    sample = np.arange(len(rows)) // per
-                    if acc.frac is None:
-                        acc.frac = min(1.0, max_rows / max(1, n_samples * per))
-                    if acc.frac < 1.0:
-                        m = max(1, int(round(len(rows) * acc.frac)))
-                        sel = np.sort(rngs[id(t)].choice(len(rows), m, replace=False))
-                        rows, yr, sample = rows[sel], yr[sel], sample[sel]
-                is_val = held[np.minimum(sample, n_batch - 1)]
-                if (~is_val).any():
-                    acc.add(rows[~is_val], yr[~is_val], bias)
-                if is_val.any():
-                    vals[id(t)].add(rows[is_val], yr[is_val], bias)
-        for t in ready:
-            wf, b, info = fits[id(t)]
-            train, val = accs[id(t)], vals[id(t)]
-            w0 = np.concatenate([wf, np.asarray(b, np.float64)[None, :]], 0) if b is not None else wf.astype(np.float64)
-            row = {"node": t.node.name or t.node.op_type, "op": t.node.op_type, "round": rounds,
-                   "features": int(w0.shape[0]), "rows": train.rows + val.rows, "refit": False}
-            if train.g is None or id(t) in failed:
-                row["reason"] = failed.get(id(t), "no calibration rows")
-                report.append(row)
-                continue
-            both = _merge(train, val)
-            if ridge is not None or val.g is None:
-                chosen = RIDGE_GRID[1] if ridge is None else float(ridge)
-                w = _solve(both.g, both.h, w0, chosen)
-                before, after, judged = _rel_err(both, w0), _rel_err(both, w), "calibration samples"
-            else:  # pick the ridge strength on the held-out samples, then fit on all
-                errs = {r: _rel_err(val, _solve(train.g, train.h, w0, r)) for r in RIDGE_GRID}
-                chosen = min(errs, key=lambda r: (errs[r], -r))
-                before, after, judged = _rel_err(val, w0), errs[chosen], "held-out samples"
-                w = _solve(both.g, both.h, w0, chosen)
-            row.update(ridge=chosen, judged_on=judged,
-                       rel_error_before=round(before, 6), rel_error_after=round(min(after, before), 6))
-            if np.isfinite(w).all() and after < before:
-                if b is not None:
-                    _write(t, writer, w[:-1], w[-1], info)
-                else:
-                    _write(t, writer, w, None, info)
-                row["refit"] = True
-            report.append(row)
+        rnd = _accumulate(ctx, ready, rounds)
+        report += [_fit(ctx, rnd, t) for t in ready]
         remaining = [t for t in remaining if t not in ready]
     return report
