@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import click
 
+from .distill import DistillSettings, distill as api_distill
+from .head import HeadSettings, head as api_head
+from .options import click_options
+
 __all__ = ["head", "distill"]
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -17,53 +21,23 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _head_option(name: str, **kw):
-    """The click option of the :class:`onnxopt.head.HeadSettings` field ``name``: the field's flag,
-    choices, default and help text (a ``--no-...`` flag switches a True default off)."""
-    import dataclasses
+def _command(name: str, argument: str, settings, what: str):
+    """``onnxopt NAME ARGUMENT -o OUTPUT [the fields of settings] [--json]``: the command's
+    options are the settings' fields (:func:`onnxopt.options.click_options`)."""
+    decorators = [click.command(name, context_settings=CONTEXT), click.argument(argument),
+                  click.option("-o", "--output", required=True, type=click.Path(),
+                               help=f"Where to write the {what} .onnx file."),
+                  click_options(settings),
+                  click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")]
 
-    from .head import HeadSettings
-
-    f = {f.name: f for f in dataclasses.fields(HeadSettings)}[name]
-    flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
-    if f.metadata.get("choices"):
-        kw["type"] = click.Choice(list(f.metadata["choices"]))
-    if f.metadata["help"]:
-        kw["help"] = f.metadata["help"]
-    if f.default is not dataclasses.MISSING:
-        kw["default"] = f.default
-    if flag.startswith("--no-"):
-        kw["flag_value"] = False
-    return click.option(flag, name, **kw)
+    def deco(fn):
+        for d in reversed(decorators):
+            fn = d(fn)
+        return fn
+    return deco
 
 
-@click.command("head", context_settings=CONTEXT)
-@click.argument("model")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the new .onnx file.")
-@_head_option("data", required=True)
-@_head_option("test_data")
-@_head_option("cut", show_default=True)
-@_head_option("kind", show_default=True)
-@_head_option("hidden", type=int, show_default=True)
-@_head_option("classes")
-@_head_option("per_class", type=int)
-@_head_option("class_names")
-@_head_option("val_fraction", type=float, show_default=True)
-@_head_option("refit")
-@_head_option("epochs", type=int)
-@_head_option("patience", type=int)
-@_head_option("lr", type=float)
-@_head_option("weight_decay", type=float, show_default=True)
-@_head_option("class_weights", show_default=True)
-@_head_option("seed", type=int, show_default=True)
-@_head_option("softmax")
-@_head_option("output_name")
-@_head_option("finetune_last", type=int)
-@_head_option("weights")
-@_head_option("input_shape")
-@_head_option("cache_dir", type=click.Path())
-@_head_option("cache")
-@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
+@_command("head", "model", HeadSettings, "new")
 def head(model, output, as_json, **options):
     """Replace a model's classifier head with one trained on a few labelled examples.
 
@@ -80,7 +54,6 @@ def head(model, output, as_json, **options):
           --data digits --classes 5-9 --per-class 20 --finetune-last 1 --test-data digits
       onnxopt head minilm.onnx -o topics.onnx --cut sentence_embedding --data sentences.npz --head mlp
     """
-    from .head import head as api_head
     from .report import table, to_json
 
     # The options are HeadSettings fields by name; the API builds the settings (and checks them).
@@ -106,40 +79,8 @@ def head(model, output, as_json, **options):
                f"test {_pct(h['test_acc'])}" + (f" ({h['test_data']}, {h['test_samples']})" if h.get("test_data") else ""))
 
 
-def _distill_options(command):
-    """The options of ``onnxopt distill``: one per :class:`onnxopt.distill.DistillSettings` field,
-    in field order, with the field's default and help text (``flag``: a switch that turns the
-    field off, e.g. ``--no-resume``; ``choices``; ``path``; ``cli=False``: not on the CLI)."""
-    import dataclasses
-
-    from .distill import DistillSettings
-
-    for f in reversed(dataclasses.fields(DistillSettings)):
-        meta = f.metadata
-        if not meta.get("cli", True):
-            continue
-        kw = {"help": meta["help"]} if meta["help"] else {}
-        if meta.get("flag"):
-            command = click.option(meta["flag"], is_flag=True, **kw)(command)
-            continue
-        if meta.get("choices"):
-            kw["type"] = click.Choice(list(meta["choices"]))
-        elif meta.get("path"):
-            kw["type"] = click.Path()
-        elif isinstance(f.default, (int, float)):
-            kw["type"] = type(f.default)
-        if f.default is not None:
-            kw.update(default=f.default, show_default=True)
-        command = click.option("--" + f.name.replace("_", "-"), **kw)(command)
-    return command
-
-
-@click.command("distill", context_settings=CONTEXT)
-@click.argument("teacher")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the student .onnx file.")
-@_distill_options
-@click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")
-def distill(teacher, output, no_resume, no_cache, as_json, **options):
+@_command("distill", "teacher", DistillSettings, "student")
+def distill(teacher, output, as_json, **options):
     """Distill a teacher into a smaller student; export and verify the student.
 
     TEACHER is an .onnx file (soft targets from ONNX Runtime, cached) or a built-in model /
@@ -154,11 +95,10 @@ def distill(teacher, output, no_resume, no_cache, as_json, **options):
       onnxopt distill digits.onnx -o student.onnx --nproc 2
       onnxopt distill teacher.onnx -o s.onnx --student mypkg.nets:small --data train.npz --unlabelled extra.npz
     """
-    from .distill import distill as api_distill
     from .report import table, to_json
 
     # The options are DistillSettings fields by name; the API builds the settings (and checks them).
-    side = api_distill(teacher, output, resume=not no_resume, cache=not no_cache, **options)
+    side = api_distill(teacher, output, **options)
     if as_json:
         click.echo(to_json(side))
         return

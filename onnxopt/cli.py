@@ -131,7 +131,7 @@ def export(model, output, input_shape, dtype, weights, task, exporter, opset, st
       onnxopt export minilm -o minilm.onnx --exporter torchscript
       onnxopt export mypkg.nets:make_net --input-shape 1x3x32x32 --weights net.pt -o net.onnx
     """
-    from . import export as api_export
+    from .export import export as api_export
     from .export import Tolerance
     from .render import export_summary
     from .report import to_json
@@ -184,7 +184,7 @@ def bench(models, batch, threads, providers, duration, warmup, seq_len, no_memor
       onnxopt bench digits.onnx --data digits --torch digits-cnn --batch 1,8 --threads 1,2
       onnxopt bench a.onnx b.onnx --json | jq '.rows[] | {model, p50_ms, speedup}'
     """
-    from . import bench as api_bench
+    from .bench import bench as api_bench
     from .artifact import write_text
     from .report import bench_markdown, bench_table, to_json
 
@@ -233,7 +233,7 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
       onnxopt optimize resnet18.onnx --data calib.npz --min-agreement 0.99 --budget 120
       onnxopt optimize resnet18 --batch 1,8 --threads 1,2
     """
-    from . import optimize as api_optimize
+    from .optimize import optimize as api_optimize
     from .render import optimize_summary
     from .report import to_json
 
@@ -332,7 +332,7 @@ def quantize(model, output, as_json, **options):
       onnxopt quantize resnet18.onnx -o r18-int8.onnx --data calib.npz --method entropy
       onnxopt quantize resnet18.onnx -o r18-int8.onnx --data val_images/ --max-drop 1%rel
     """
-    from . import quantize as api_quantize
+    from .quantize import quantize as api_quantize
     from .render import quantize_summary
     from .report import to_json
 
@@ -358,7 +358,7 @@ def simplify(model, output, as_json, **settings):
       onnxopt simplify resnet18.onnx -o resnet18-simple.onnx
       onnxopt simplify minilm.onnx -o minilm-fused.onnx --transformer bert
     """
-    from . import simplify as api_simplify
+    from .apply import simplify as api_simplify
     from .render import simplify_summary
     from .report import to_json
 
@@ -395,7 +395,7 @@ def prune(model, output, nm, as_json, **options):
       onnxopt prune resnet18.onnx -o r18-sparse.onnx --method nm --nm 2:4
       onnxopt prune digits-cnn -o digits-ft.onnx --finetune-epochs 2 --data digits
     """
-    from . import prune as api_prune
+    from .prune import prune as api_prune
     from .render import prune_summary
     from .report import to_json
 

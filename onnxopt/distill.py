@@ -59,6 +59,7 @@ from .errors import BadInput, check_choice, first_line
 from .evaluate import top1, top1_agreement
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
 from .head import cache_root, check_labels, labelled_data
+from .options import option
 from .runtime import make_session, ort, run
 from .sources import is_factory, is_onnx_path, last_linear, require_torch
 
@@ -75,55 +76,51 @@ CHECKPOINT = "last.pt"
 # Settings
 
 
-def _setting(default, help: str, **meta) -> Any:
-    """A :class:`DistillSettings` field: ``help`` is what ``onnxopt distill --help`` shows for its
-    flag (empty: the flag shows its default only); ``meta`` tells the CLI how to spell it."""
-    return dataclasses.field(default=default, metadata={"help": help, **meta})
-
-
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
     """Every option of :func:`distill` besides the teacher and the output, checked on creation
     (a bad value is a :class:`~onnxopt.errors.BadInput` naming its CLI flag).
 
-    Field metadata: ``help`` (the CLI's help text), ``flag`` (a bool's CLI switch that turns it
-    off, e.g. ``--no-resume``), ``choices``, ``path`` (a folder: ``click.Path``), ``cli`` (False:
-    Python only). The CLI builds its options from these fields, so both say the same."""
+    Each field is an :func:`onnxopt.options.option` (help text, CLI spelling, choices; ``cli=False``:
+    Python only); ``onnxopt distill`` shows them through :func:`onnxopt.options.click_options`,
+    so both say the same."""
 
-    data: Any = _setting("digits", "Training inputs (labels optional): 'digits' (its train split), an .npz, an "
-                         "image folder or module:function.")
-    student: str = _setting("digits-cnn", "A built-in student family (digits-cnn) or a factory module:function.")
-    width: float = _setting(0.4, "Channel multiplier of a built-in student, rounded to multiples of 8 channels "
-                            "(0.4: 16/24 channels, 0.16x the digits-cnn parameters).")
-    unlabelled: Any = _setting(None, "More training inputs without labels (teacher targets only).")
-    test_data: Any = _setting(None, "Labelled data to compare teacher and student [default: digits test split when "
-                              "training on digits].")
-    temperature: float = _setting(2.0, "Softmax temperature of the KL loss.")
-    alpha: float = _setting(0.5, "Weight of the label loss (1 = labels alone, 0 = teacher alone).")
-    hint_weight: float = _setting(0.0, "Weight of the feature (hint) loss on the teacher's classifier input.")
-    hint: str | None = _setting(None, "ONNX teacher: the tensor the hint loss matches [default: its classifier "
-                                "input].")
-    augment: Any = _setting("none", "none, shift (images moved up to one pixel; the teacher sees the same view) or "
-                            "a hook module:function (x, generator) -> x.")
-    epochs: int = _setting(20, "")
-    batch: int = _setting(64, "Global batch (split across --nproc).")
-    lr: float = _setting(3e-3, "Peak learning rate (one-cycle schedule).")
-    weight_decay: float = _setting(1e-4, "")
-    seed: int = _setting(0, "")
-    nproc: int = _setting(1, "Processes: >1 runs DistributedDataParallel via torch.distributed.run (gloo on CPU, "
-                          "nccl on GPU).")
-    device: str = _setting("auto", "", choices=("auto", "cpu", "cuda"))
-    threads: int = _setting(1, "torch threads per process.")
-    checkpoint_dir: str | Path | None = _setting(None, "Where the per-epoch checkpoint goes [default: "
-                                                 "<output>.ckpt].", path=True)
-    resume: bool = _setting(True, "Start over even when a checkpoint of the same run exists.", flag="--no-resume")
-    cache_dir: str | Path | None = _setting(None, "Teacher-target cache folder [default: ~/.cache/onnxopt].",
-                                            path=True)
-    cache: bool = _setting(True, "Do not read or write cached teacher targets.", flag="--no-cache")
-    weights: str | None = _setting(None, "Torch factory teacher: a state_dict file.")
-    input_shape: str | None = _setting(None, "Torch factory teacher: input shape, e.g. 1x1x8x8.")
-    on_epoch_end: Any = _setting(None, "Called as on_epoch_end(epoch) after each epoch's checkpoint (one process "
-                                 "only).", cli=False)
+    data: Any = option("digits", "Training inputs (labels optional): 'digits' (its train split), an .npz, an "
+                       "image folder or module:function.", type=str)
+    student: str = option("digits-cnn", "A built-in student family (digits-cnn) or a factory module:function.")
+    width: float = option(0.4, "Channel multiplier of a built-in student, rounded to multiples of 8 channels "
+                          "(0.4: 16/24 channels, 0.16x the digits-cnn parameters).")
+    unlabelled: Any = option(None, "More training inputs without labels (teacher targets only).", type=str)
+    test_data: Any = option(None, "Labelled data to compare teacher and student [default: digits test split when "
+                            "training on digits].", type=str)
+    temperature: float = option(2.0, "Softmax temperature of the KL loss.")
+    alpha: float = option(0.5, "Weight of the label loss (1 = labels alone, 0 = teacher alone).")
+    hint_weight: float = option(0.0, "Weight of the feature (hint) loss on the teacher's classifier input.")
+    hint: str | None = option(None, "ONNX teacher: the tensor the hint loss matches [default: its classifier "
+                              "input].")
+    augment: Any = option("none", "none, shift (images moved up to one pixel; the teacher sees the same view) or "
+                          "a hook module:function (x, generator) -> x.", type=str)
+    epochs: int = option(20)
+    batch: int = option(64, "Global batch (split across --nproc).")
+    lr: float = option(3e-3, "Peak learning rate (one-cycle schedule).")
+    weight_decay: float = option(1e-4)
+    seed: int = option(0)
+    nproc: int = option(1, "Processes: >1 runs DistributedDataParallel via torch.distributed.run (gloo on CPU, "
+                        "nccl on GPU).")
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    threads: int = option(1, "torch threads per process.")
+    checkpoint_dir: str | Path | None = option(None, "Where the per-epoch checkpoint goes [default: "
+                                               "<output>.ckpt].", type=str, metavar="PATH")
+    resume: bool = option(True, "Continue from the checkpoint of the same run if there is one (--no-resume: "
+                          "start over).", off_flag="--no-resume")
+    cache_dir: str | Path | None = option(None, "Teacher-target cache folder [default: ~/.cache/onnxopt].",
+                                          type=str, metavar="PATH")
+    cache: bool = option(True, "Read and write cached teacher targets (--no-cache: neither).",
+                         off_flag="--no-cache")
+    weights: str | None = option(None, "Torch factory teacher: a state_dict file.")
+    input_shape: str | None = option(None, "Torch factory teacher: input shape, e.g. 1x1x8x8.")
+    on_epoch_end: Any = option(None, "Called as on_epoch_end(epoch) after each epoch's checkpoint (one process "
+                               "only).", cli=False)
 
     def __post_init__(self):
         self._check_numbers()

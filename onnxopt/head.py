@@ -48,6 +48,7 @@ from .artifact import atomic_write_bytes, lineage, load_model, model_bytes, save
 from .errors import BadInput, InternalError, check_choice
 from .evaluate import agreement, top1
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
+from .options import option
 from .passes.head import LABELS_KEY, GraftHead, HeadMatch, cut_candidates, find_head, find_value, head_forward
 from .progress import progress
 from .runtime import make_session, ort, run
@@ -549,53 +550,48 @@ def _with_softmax(torch, net):
 # The job's settings
 
 
-def _option(default=dataclasses.MISSING, help: str = "", **meta):
-    """A :class:`HeadSettings` field. ``help``: what ``onnxopt head --help`` says of it (empty: no
-    text); ``flag``: its CLI spelling where that is not ``--field-name`` (``--no-...`` for a switch
-    that turns a True default off: then ``help`` describes the switch); ``choices``; ``cli=False``:
-    not on the CLI."""
-    return dataclasses.field(default=default, metadata={"help": help, **meta})
-
-
 @dataclasses.dataclass(frozen=True)
 class HeadSettings:
     """The options of :func:`head` and ``onnxopt head``, checked when made (a bad value is a
     :class:`BadInput` naming its flag). ``epochs``, ``patience`` and ``lr`` left ``None`` take the
     route's default (500, 50, 1e-2 on features; 200, 20, 1e-3 fine-tuning); ``classes`` is kept
-    parsed (``"5-9"`` becomes ``(5, 6, 7, 8, 9)``)."""
+    parsed (``"5-9"`` becomes ``(5, 6, 7, 8, 9)``). Each field is an :func:`onnxopt.options.option`:
+    ``onnxopt head`` shows the fields through :func:`onnxopt.options.click_options`."""
 
-    data: object = _option(help="Labelled training examples: an .npz (inputs by name + labels), 'digits' (its "
-                           "train split), an image folder or module:function.")
-    test_data: object = _option(None, "Held-out labelled data for test accuracy and the graft check ('digits' = its "
-                                "test split); samples of other classes are dropped.")
-    cut: str = _option("auto", "Where the backbone ends: auto = the classifier input and earlier block ends compared "
-                       "by cross-validated accuracy; head = the classifier input; or a tensor name.")
-    kind: str = _option("linear", "linear = softmax regression; mlp = one hidden ReLU layer.", flag="--head",
-                        choices=HEADS)
-    hidden: int = _option(128, "Hidden units of the mlp head.")
-    classes: object = _option(None, "Keep only these labels, e.g. 5-9 or 1,3,5.")
-    per_class: int | None = _option(None, "Use this many examples per class (drawn with --seed): few-shot.")
-    class_names: object = _option(None, "Comma-separated names of the sorted label values [default: the values].")
-    val_fraction: float = _option(0.2, "Validation share: 1/this folds for early stopping and choosing the cut "
-                                  "(0: none).")
-    refit: bool = _option(True, "Keep the first fold's head instead of training the final head on all examples.",
-                          flag="--no-refit")
-    epochs: int | None = _option(None, "Maximum epochs [default: 500 on features, 200 fine-tuning].")
-    patience: int | None = _option(None, "Early-stopping patience in epochs [default: 50 / 20].")
-    lr: float | None = _option(None, "Adam learning rate [default: 1e-2 on features, 1e-3 fine-tuning].")
-    weight_decay: float = _option(1e-4)
-    class_weights: str = _option("balanced", "balanced weighs each class by the inverse of its frequency "
-                                 "(imbalanced data).", choices=CLASS_WEIGHTS)
-    seed: int = _option(0)
-    softmax: bool | None = _option(None, "End with Softmax or output logits [default: as the old head did].",
-                                   flag="--softmax/--logits")
-    output_name: str | None = _option(None, "Name of the new output [default: logits or probabilities].")
-    finetune_last: int | None = _option(None, "Torch source only: also train the last N blocks of the backbone.")
-    weights: str | None = _option(None, "Torch factory source: a state_dict file.")
-    input_shape: str | None = _option(None, "Torch factory source: input shape, e.g. 1x1x8x8.")
-    max_candidates: int = _option(4, "How many cut points --cut auto compares.", cli=False)
-    cache_dir: str | os.PathLike | None = _option(None, "Feature cache folder [default: ~/.cache/onnxopt].")
-    cache: bool = _option(True, "Do not read or write cached features.", flag="--no-cache")
+    data: object = option(help="Labelled training examples: an .npz (inputs by name + labels), 'digits' (its "
+                          "train split), an image folder or module:function.", type=str)
+    test_data: object = option(None, "Held-out labelled data for test accuracy and the graft check ('digits' = its "
+                               "test split); samples of other classes are dropped.", type=str)
+    cut: str = option("auto", "Where the backbone ends: auto = the classifier input and earlier block ends compared "
+                      "by cross-validated accuracy; head = the classifier input; or a tensor name.")
+    kind: str = option("linear", "linear = softmax regression; mlp = one hidden ReLU layer.", flag="--head",
+                       choices=HEADS)
+    hidden: int = option(128, "Hidden units of the mlp head.")
+    classes: object = option(None, "Keep only these labels, e.g. 5-9 or 1,3,5.", type=str)
+    per_class: int | None = option(None, "Use this many examples per class (drawn with --seed): few-shot.")
+    class_names: object = option(None, "Comma-separated names of the sorted label values [default: the values].",
+                                 type=str)
+    val_fraction: float = option(0.2, "Validation share: 1/this folds for early stopping and choosing the cut "
+                                 "(0: none).")
+    refit: bool = option(True, "Train the final head on all examples for the epochs early stopping found "
+                         "(--no-refit: keep the first fold's head).", off_flag="--no-refit")
+    epochs: int | None = option(None, "Maximum epochs [default: 500 on features, 200 fine-tuning].")
+    patience: int | None = option(None, "Early-stopping patience in epochs [default: 50 / 20].")
+    lr: float | None = option(None, "Adam learning rate [default: 1e-2 on features, 1e-3 fine-tuning].")
+    weight_decay: float = option(1e-4)
+    class_weights: str = option("balanced", "balanced weighs each class by the inverse of its frequency "
+                                "(imbalanced data).", choices=CLASS_WEIGHTS)
+    seed: int = option(0)
+    softmax: bool | None = option(None, "End with Softmax or output logits [default: as the old head did].",
+                                  flag="--softmax", off_flag="--logits")
+    output_name: str | None = option(None, "Name of the new output [default: logits or probabilities].")
+    finetune_last: int | None = option(None, "Torch source only: also train the last N blocks of the backbone.")
+    weights: str | None = option(None, "Torch factory source: a state_dict file.")
+    input_shape: str | None = option(None, "Torch factory source: input shape, e.g. 1x1x8x8.")
+    max_candidates: int = option(4, "How many cut points --cut auto compares.", cli=False)
+    cache_dir: str | os.PathLike | None = option(None, "Feature cache folder [default: ~/.cache/onnxopt].", type=str,
+                                                 metavar="PATH")
+    cache: bool = option(True, "Read and write cached features (--no-cache: neither).", off_flag="--no-cache")
 
     def __post_init__(self):
         check_choice(self.kind, HEADS, "--head")

@@ -128,7 +128,8 @@ def click_options(cls, only: list[str] | None = None, *, defaults: dict | None =
                   show_default: bool = True):
     """A decorator adding one click option per field of ``cls`` (``only``: these fields, in this
     order). The parameter name is the field's name, so ``build(cls, kwargs)`` takes what click
-    passes. ``defaults`` overrides a default where a command's use differs from the pass's."""
+    passes. ``defaults`` overrides a default where a command's use differs from the pass's; a field
+    without a default is a required option."""
     import click
 
     hints = typing.get_type_hints(cls)
@@ -150,13 +151,16 @@ def click_options(cls, only: list[str] | None = None, *, defaults: dict | None =
             continue
         ctype = click.Choice([str(c) for c in meta["choices"]]) if meta.get("choices") else kind
         kw: dict = {"help": help_text, "type": ctype}
+        if default is _MISSING:  # no default: required (click checks that only when given no default)
+            kw["required"] = True
+        else:
+            kw["default"] = default
         if meta.get("metavar"):
             kw["metavar"] = meta["metavar"]
         if is_tuple:
-            opts.append(click.option(flag, name, multiple=True, default=default, **kw))
+            opts.append(click.option(flag, name, multiple=True, **kw))
         else:
-            opts.append(click.option(flag, name, default=default, show_default=show_default and default is not None,
-                                     **kw))
+            opts.append(click.option(flag, name, show_default=show_default and kw.get("default") is not None, **kw))
 
     def deco(fn):
         for o in reversed(opts):

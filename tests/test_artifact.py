@@ -6,7 +6,7 @@ import pytest
 from conftest import make_mlp
 
 from onnxopt.artifact import io_signature, load_model, save_model, sidecar_path
-from onnxopt.errors import BadInput
+from onnxopt.errors import BadInput, InternalError
 
 
 def test_save_is_atomic_deterministic_and_has_sidecar(tmp_path):
@@ -26,9 +26,11 @@ def test_save_is_atomic_deterministic_and_has_sidecar(tmp_path):
 
 
 def test_failed_check_leaves_nothing(tmp_path):
+    """save_model writes what onnxopt produced: a model the checker rejects there is onnxopt's bug
+    (InternalError, exit 1), and nothing is left behind."""
     m = make_mlp(0)
     m.graph.node[0].input[1] = "does_not_exist"
-    with pytest.raises(BadInput, match="onnx.checker"):
+    with pytest.raises(InternalError, match="onnx.checker"):
         save_model(m, tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []
 

@@ -218,6 +218,7 @@ def test_the_cli_options_are_the_settings_fields():
 
     from onnxopt._cli_train import distill as distill_cmd
     from onnxopt.distill import DistillSettings
+    from onnxopt.options import flag_of
 
     params = {p.name: p for p in distill_cmd.params if isinstance(p, click.Option)}
     for f in dataclasses.fields(DistillSettings):
@@ -225,11 +226,36 @@ def test_the_cli_options_are_the_settings_fields():
         if not f.metadata.get("cli", True):
             assert f.name not in params
             continue
-        p = params[f"no_{f.name}" if f.metadata.get("flag") else f.name]
+        p = params[f.name]
         assert (p.help or "") == f.metadata["help"]
-        assert p.opts == [f.metadata.get("flag") or "--" + f.name.replace("_", "-")]
-        if not f.metadata.get("flag") and f.default is not None:
+        assert p.opts == [flag_of(f)]
+        if f.default is not None:
             assert p.default == f.default and p.show_default
+    # A switch that is on by default keeps its --no-... spelling (and the API gets the field's value).
+    assert params["resume"].secondary_opts == ["--no-resume"] and params["cache"].secondary_opts == ["--no-cache"]
+
+
+def test_cli_switches_pass_the_settings_values(monkeypatch):
+    from click.testing import CliRunner
+
+    import onnxopt._cli_train as cli_train
+    from onnxopt.options import fields_of
+
+    got = {}
+    monkeypatch.setattr(cli_train, "api_distill", lambda teacher, output, **o: got.update(o) or {"distill": {}})
+    CliRunner().invoke(cli_train.distill, ["t.onnx", "-o", "o.onnx", "--json"])
+    assert got["resume"] is True and got["cache"] is True and got["data"] == "digits"
+    CliRunner().invoke(cli_train.distill, ["t.onnx", "-o", "o.onnx", "--no-resume", "--no-cache", "--json"])
+    assert got["resume"] is False and got["cache"] is False
+    assert set(got) == {n for n, f in fields_of(cli_train.DistillSettings).items() if f.metadata["cli"]}
+    monkeypatch.setattr(cli_train, "api_head", lambda model, output, **o: got.update(o) or {"head": {}})
+    r = CliRunner().invoke(cli_train.head, ["m.onnx", "-o", "o.onnx", "--json"])
+    assert r.exit_code == 2 and "Missing option '--data'" in r.output
+    CliRunner().invoke(cli_train.head, ["m.onnx", "-o", "o.onnx", "--data", "digits", "--json"])
+    assert got["refit"] is True and got["softmax"] is None and got["cache"] is True
+    CliRunner().invoke(cli_train.head, ["m.onnx", "-o", "o.onnx", "--data", "digits", "--no-refit", "--logits",
+                                        "--no-cache", "--json"])
+    assert got["refit"] is False and got["softmax"] is False and got["cache"] is False
 
 
 def test_the_worker_does_not_import_the_job():

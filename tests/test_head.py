@@ -354,7 +354,10 @@ def test_cli_head_options_are_the_settings_fields(tmp_path):
     assert set(params) == {n for n, f in fields.items() if f.metadata.get("cli", True)}
     for name, p in params.items():
         assert (p.help or "") == fields[name].metadata["help"], name
-    assert params["kind"].opts == ["--head"] and params["refit"].opts == ["--no-refit"]
+    assert params["kind"].opts == ["--head"] and params["data"].required
+    assert params["refit"].opts == ["--refit"] and params["refit"].secondary_opts == ["--no-refit"]
+    assert params["softmax"].opts == ["--softmax"] and params["softmax"].secondary_opts == ["--logits"]
+    assert params["cache"].secondary_opts == ["--no-cache"] and "max_candidates" not in params
     r = CliRunner().invoke(_Group("onnxopt", commands={"head": head_cmd}),
                            ["head", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "--data", "digits",
                             "--hidden", "0"])
