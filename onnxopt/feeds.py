@@ -266,34 +266,11 @@ _CALLABLE = re.compile(r"^(?:[A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_]\w*$")
 
 def _from_callable(spec: str, model: onnx.ModelProto | None) -> Dataset:
     """Data from a user's Python function (see :func:`load_dataset`)."""
-    import importlib
-    import importlib.util
-    import sys
     from collections.abc import Iterable, Mapping
 
-    mod_name, fn_name = spec.rsplit(":", 1)
-    try:
-        if mod_name.endswith(".py"):
-            if not Path(mod_name).is_file():
-                raise BadInput(spec, f"no such file {mod_name}")
-            loader = importlib.util.spec_from_file_location(f"onnxopt_user_data_{Path(mod_name).stem}", mod_name)
-            mod = importlib.util.module_from_spec(loader)
-            loader.loader.exec_module(mod)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(mod_name)
-    except BadInput:
-        raise
-    except Exception as e:
-        raise BadInput(spec, f"cannot import '{mod_name}' ({type(e).__name__}: {e})") from None
-    fn = getattr(mod, fn_name, None)
-    if not callable(fn):
-        raise BadInput(spec, f"'{mod_name}' has no callable '{fn_name}'")
-    try:
-        got = fn()
-    except Exception as e:
-        raise BadInput(spec, f"the data function raised {type(e).__name__}: {e}") from None
+    from .sources import call_ref
+
+    got = call_ref(spec, "data function")
     if isinstance(got, Dataset):
         return got
     if isinstance(got, Mapping):

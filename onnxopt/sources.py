@@ -4,6 +4,7 @@ factory ``package.module:function`` returning an ``nn.Module`` (with optional we
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
 import sys
@@ -56,23 +57,38 @@ def parse_shape(text: str, where: str = "--input-shape") -> tuple[int, ...]:
     return dims
 
 
-def call_factory(torch, ref: str, what: str = "factory"):
-    """Import ``module:function`` (the working folder on the path), call it and check that it
-    returned a ``torch.nn.Module``; every failure is a one-line :class:`BadInput` naming ``ref``."""
-    mod_name, fn_name = ref.split(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+def call_ref(ref: str, what: str = "factory"):
+    """Import ``module:function`` or ``path/to/file.py:function`` (the working folder on the
+    path), call the function and return what it returned. Every failure is a one-line
+    :class:`BadInput` naming ``ref``. The one loader of user code: model factories, data functions."""
+    mod_name, fn_name = ref.rsplit(":", 1)
     try:
-        mod = importlib.import_module(mod_name)
+        if mod_name.endswith(".py"):
+            if not Path(mod_name).is_file():
+                raise BadInput(ref, f"no such file {mod_name}")
+            loader = importlib.util.spec_from_file_location(f"onnxopt_user_{Path(mod_name).stem}", mod_name)
+            mod = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(mod)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(mod_name)
+    except BadInput:
+        raise
     except Exception as e:
         raise BadInput(ref, f"cannot import module '{mod_name}' ({type(e).__name__}: {e})") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise BadInput(ref, f"module '{mod_name}' has no callable '{fn_name}'")
     try:
-        net = fn()
+        return fn()
     except Exception as e:
         raise BadInput(ref, f"the {what} raised {type(e).__name__}: {e}") from None
+
+
+def call_factory(torch, ref: str, what: str = "factory"):
+    """:func:`call_ref` for a model factory: what it returns must be a ``torch.nn.Module``."""
+    net = call_ref(ref, what)
     if not isinstance(net, torch.nn.Module):
         raise BadInput(ref, f"the {what} returned {type(net).__name__}, not a torch.nn.Module")
     return net

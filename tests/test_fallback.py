@@ -251,7 +251,7 @@ def test_callable_data_errors(tmp_path):
         load_dataset(f"{mod}:junk", _cnn_proto())
     with pytest.raises(BadInput, match="has no callable 'missing'"):
         load_dataset(f"{mod}:missing", _cnn_proto())
-    with pytest.raises(BadInput, match="cannot import 'no_such_module_xyz'"):
+    with pytest.raises(BadInput, match="cannot import module 'no_such_module_xyz'"):
         load_dataset("no_such_module_xyz:data", _cnn_proto())
 
 

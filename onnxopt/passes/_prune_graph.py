@@ -421,9 +421,8 @@ def _h_pool(ctx: _Ctx, node: ir.Node) -> None:
 
 
 def _h_resize(ctx: _Ctx, node: ir.Node) -> None:
-    lay = ctx.layout(node.inputs[0])
-    if lay is None or _other_tracked(ctx, node):
-        ctx.block([lay, *_other_tracked(ctx, node)], f"{node.op_type} node '{_name(node)}' reads channels")
+    lay = _sole_tracked_input(ctx, node)
+    if lay is None:
         return
     scales_idx, sizes_idx = (1, None) if node.op_type == "Upsample" else (2, 3)
     if sizes_idx is not None and len(node.inputs) > sizes_idx and node.inputs[sizes_idx] is not None:
@@ -799,9 +798,8 @@ def _h_reduce(ctx: _Ctx, node: ir.Node) -> None:
 
 
 def _h_pad(ctx: _Ctx, node: ir.Node) -> None:
-    lay = ctx.layout(node.inputs[0])
-    if _other_tracked(ctx, node):
-        ctx.block([lay, *_other_tracked(ctx, node)], f"Pad node '{_name(node)}' reads channels")
+    lay = _sole_tracked_input(ctx, node)
+    if lay is None:
         return
     if ctx.opset < 11:
         pads = _attr_ints(node, "pads")
@@ -825,9 +823,8 @@ def _h_pad(ctx: _Ctx, node: ir.Node) -> None:
 
 
 def _h_slice(ctx: _Ctx, node: ir.Node) -> None:
-    lay = ctx.layout(node.inputs[0])
-    if _other_tracked(ctx, node):
-        ctx.block([lay, *_other_tracked(ctx, node)], f"Slice node '{_name(node)}' reads channels")
+    lay = _sole_tracked_input(ctx, node)
+    if lay is None:
         return
     if ctx.opset < 10:
         axes = _attr_ints(node, "axes") or list(range(len(_attr_ints(node, "starts") or [])))
