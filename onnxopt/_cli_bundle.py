@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ._cli_context import CONTEXT
 from .errors import VerificationFailed
 
 __all__ = ["pack", "verify_bundle"]
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.command("pack", context_settings=CONTEXT)

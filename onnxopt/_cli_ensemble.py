@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ._cli_context import CONTEXT
 from .errors import BadInput
 
 __all__ = ["ensemble"]
@@ -29,7 +30,7 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-@click.command("ensemble", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command("ensemble", context_settings=CONTEXT)
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the fused .onnx file.")
 @click.option("--method", type=click.Choice(["parallel", "cascade", "soup"]), default="parallel", show_default=True,

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import click
 
+from ._cli_context import CONTEXT
 from .distill import DistillSettings, distill as api_distill
 from .head import HeadSettings, head as api_head
 from .options import click_options
 
 __all__ = ["head", "distill"]
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _pct(v) -> str:

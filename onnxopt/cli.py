@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ._cli_context import CONTEXT
 from .errors import BadInput, InternalError, OnnxoptError
 from .gates import Gates
 from .jobs import DataOptions
@@ -15,7 +16,6 @@ from .passes import PruneChannels, PruneMasks, QuantizeStatic, Simplify
 from .prune import PruneSettings
 from .quantize import STATIC_OPTIONS, QuantizeSettings
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class _Group(click.Group):

@@ -75,7 +75,7 @@ class Gates:
     max_p90_ms: float | None = option(None, "Gate: p90 latency at the first batch size.", type=float)
 
     def __post_init__(self):
-        parse_max_drop(self.max_drop)
+        object.__setattr__(self, "_drop", parse_max_drop(self.max_drop))  # parsed once, here
         for name in ("min_agreement", "min_cosine", "min_speedup", "max_size_mb", "max_p90_ms"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or v < 0 or not np.isfinite(v)):
@@ -83,6 +83,11 @@ class Gates:
         for name in ("min_agreement", "min_cosine"):
             if getattr(self, name) is not None and getattr(self, name) > 1:
                 raise BadInput(f"gates.{name}", "is a fraction in [0, 1]")
+
+    @property
+    def drop(self) -> tuple[float, str] | None:
+        """``max_drop`` parsed: (amount, "points" | "relative"), or None."""
+        return self._drop
 
     @classmethod
     def from_options(cls, options: dict) -> "Gates":
@@ -107,7 +112,7 @@ class Gates:
             if "drop_points" not in q:
                 raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's "
                                "first output")
-            limit = allowed_drop(parse_max_drop(self.max_drop), q["reference_accuracy"])
+            limit = allowed_drop(self.drop, q["reference_accuracy"])
             out.append({"gate": "max_drop", "limit": round(limit, 4), "value": q["drop_points"],
                         "passed": q["drop_points"] <= limit + _SLACK})
         if self.min_agreement is not None:

@@ -142,12 +142,10 @@ def judge(gates: Gates, verification: dict, out_bytes: int) -> list[dict]:
 
 def gate_record(gates: Gates, checks: list[dict]) -> dict | None:
     """The sidecar's ``gate`` summary of the accuracy gate (None without one)."""
-    from .gates import parse_max_drop
-
     c = next((c for c in checks if c["gate"] == "max_drop"), None)
     if c is None:
         return None
-    return {"max_drop": str(gates.max_drop), "kind": parse_max_drop(gates.max_drop)[1],
+    return {"max_drop": str(gates.max_drop), "kind": gates.drop[1],
             "max_drop_points": c["limit"], "drop_points": c["value"], "passed": c["passed"]}
 
 
