@@ -42,7 +42,7 @@ class OnnxoptPass(ir.passes.FunctionalPass):
       is the user's model not fitting the pass (exit 2). By default a pass refuses an already
       quantized model (``refuses_quantized``).
     * ``ensures(model)`` is the postcondition after ``call``: a failure there is onnxopt's bug
-      (the runner reports it as :class:`onnxopt.errors.InternalError`, exit 1).
+      (``__call__`` turns it into :class:`onnxopt.errors.InternalError`, exit 1).
     * ``needs_calibration``: the pass has a data field (:func:`onnxopt.options.data_field`) the
       runner fills with calibration feeds.
     """
