@@ -26,10 +26,6 @@ def _input_map(items: tuple[str, ...]) -> dict[int, dict[str, str]]:
     return out
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
 @click.command("ensemble", context_settings=CONTEXT)
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the fused .onnx file.")
@@ -81,7 +77,8 @@ def ensemble(models, output, method, combine, weights, data, validation, thresho
       onnxopt ensemble ft1.onnx ft2.onnx ft3.onnx -o soup.onnx --method soup --soup greedy --data digits
     """
     from .ensemble import ensemble as api_ensemble
-    from .report import table, to_json
+    from .render import ensemble_summary
+    from .report import to_json
 
     side = api_ensemble(list(models), output, method=method, combine=combine, weights=weights, data=data,
                         validation=validation, threshold=threshold,
@@ -90,48 +87,4 @@ def ensemble(models, output, method, combine, weights, data, validation, thresho
     if as_json:
         click.echo(to_json(side))
         return
-    e = side["ensemble"]
-    names = [m["model"] for m in e["members"]]
-    acc = e.get("accuracy") or {}
-    if method == "parallel":
-        how = {"fit": f"weights fitted on {e['fit']['validation']}" if e.get("fit") else "fitted weights",
-               "given": "given weights", "uniform": "uniform weights"}[e["weights_source"]]
-        click.echo(f"{output}: {len(names)} model(s) in one graph -> '{e['output']}' = {e['combine']} ({how}); "
-                   f"opset {e['opset']}, {side['bytes']:,} bytes")
-        rows = [[n, f"{w:.4f}", _pct(a)] for n, w, a in zip(names, e["weights"], acc.get("members") or [None] * len(names))]
-        rows.append(["ensemble (fused)", "", _pct(acc.get("ensemble"))])
-        click.echo(table(["model", "weight", f"accuracy ({acc['dataset']})" if acc else "accuracy"], rows, "lrr"))
-        if e.get("note"):
-            click.echo(f"note: {e['note']}")
-    elif method == "cascade":
-        ch = e.get("choice")
-        how = (f"auto: lowest threshold keeping {ch['target_accuracy']:.4f} accuracy on {ch['validation']}"
-               if ch else "given")
-        click.echo(f"{output}: cascade {e['roles']['small']} -> {e['roles']['big']}, threshold {e['threshold']:g} "
-                   f"({how}); {side['bytes']:,} bytes")
-        r, lat = e.get("routing"), e.get("latency")
-        if r:
-            a = r.get("accuracy") or {}
-            rows = [["small", _pct(r["small"]), _pct(a.get("small")),
-                     f"{lat['small']['mean_ms']:.4f}" if lat else "-"],
-                    ["big", _pct(r["big"]), _pct(a.get("big")), f"{lat['big']['mean_ms']:.4f}" if lat else "-"],
-                    ["cascade (fused)", "-", _pct(a.get("cascade")),
-                     f"{lat['cascade']['mean_ms']:.4f}" if lat else "-"]]
-            click.echo(table(["model", "routed (batch 1)", f"accuracy ({r['dataset']})", "mean ms/sample"], rows,
-                             "lrrr"))
-            if lat:
-                click.echo(f"cascade vs big: {lat['speedup_vs_big']:.2f}x mean latency per sample (batch 1, "
-                           "interleaved)")
-        click.echo(f"rule: {e['batch_rule']}")
-    else:
-        click.echo(f"{output}: {e['soup']} soup of {len(e['ingredients'])} of {len(names)} model(s): "
-                   f"{', '.join(e['ingredients'])}")
-        if acc:
-            rows = [[n, _pct(a)] for n, a in zip(names, acc["members"])] + [["soup", _pct(acc["soup"])]]
-            click.echo(table(["model", f"accuracy ({acc['dataset']})"], rows, "lr"))
-    ver = side.get("verification") or {}
-    if ver.get("cases"):
-        worst = max((c.get("max_abs_err", 0.0) for c in ver["cases"]), default=0.0)
-        what = {"parallel": "the combination of the separate models", "cascade": "the routed model's output",
-                "soup": f"{e.get('ingredients', ['?'])[0]} (agreement only)"}[method]
-        click.echo(f"verified against {what}: {len(ver['cases'])} case(s), max abs err {worst:.3g}")
+    click.echo(ensemble_summary(side, output, method))

@@ -16,11 +16,6 @@ from .options import click_options
 __all__ = ["head", "distill"]
 
 
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
 def _command(name: str, argument: str, settings, what: str):
     """``onnxopt NAME ARGUMENT -o OUTPUT [the fields of settings] [--json]``: the command's
     options are the settings' fields (:func:`onnxopt.options.click_options`)."""
@@ -54,29 +49,15 @@ def head(model, output, as_json, **options):
           --data digits --classes 5-9 --per-class 20 --finetune-last 1 --test-data digits
       onnxopt head minilm.onnx -o topics.onnx --cut sentence_embedding --data sentences.npz --head mlp
     """
-    from .report import table, to_json
+    from .render import head_summary
+    from .report import to_json
 
     # The options are HeadSettings fields by name; the API builds the settings (and checks them).
     side = api_head(model, output, **options)
     if as_json:
         click.echo(to_json(side))
         return
-    h = side["head"]
-    if h["route"] == "features":
-        click.echo(f"{output}: {h['head']} head on '{h['cut']}' ({h['cut_why']}), {h['classes']} classes "
-                   f"({', '.join(h['labels'])}), output '{h['output']}'")
-        rows = [[("* " if c["chosen"] else "  ") + c["name"], c["op"], c["features"], _pct(c["val_acc"])]
-                for c in h["candidates"]]
-        click.echo(table(["cut candidate", "op", "features", "val acc (CV)"], rows, "llrr"))
-        ver = side["verification"]
-        click.echo(f"graft check on {ver['data']} ({ver['samples']}): max abs error {ver['max_abs_err']:.2e}, "
-                   f"top-1 agreement {ver['top1_agreement']:.3f} -- {'passed' if ver['passed'] else 'FAILED'}")
-    else:
-        click.echo(f"{output}: new {h['head']} head, last {h['finetune_last']} of {h['blocks']} block(s) fine-tuned "
-                   f"({h['trainable_params']:,} trainable parameters), {h['classes']} classes; export verified "
-                   "against torch")
-    click.echo(f"{h['samples']} training examples; accuracy train {_pct(h['train_acc'])}, val {_pct(h['val_acc'])}, "
-               f"test {_pct(h['test_acc'])}" + (f" ({h['test_data']}, {h['test_samples']})" if h.get("test_data") else ""))
+    click.echo(head_summary(side, output))
 
 
 @_command("distill", "teacher", DistillSettings, "student")
@@ -95,22 +76,12 @@ def distill(teacher, output, as_json, **options):
       onnxopt distill digits.onnx -o student.onnx --nproc 2
       onnxopt distill teacher.onnx -o s.onnx --student mypkg.nets:small --data train.npz --unlabelled extra.npz
     """
-    from .report import table, to_json
+    from .render import distill_summary
+    from .report import to_json
 
     # The options are DistillSettings fields by name; the API builds the settings (and checks them).
     side = api_distill(teacher, output, **options)
     if as_json:
         click.echo(to_json(side))
         return
-    d = side["distill"]
-    resumed = f", resumed after epoch {d['resumed_from_epoch']}" if d.get("resumed_from_epoch") else ""
-    click.echo(f"{output}: {d['epochs']} epochs on {d['training_data']} ({d['samples']} samples, {d['labelled']} "
-               f"labelled), {d['nproc']} process(es){resumed}; teacher targets {d['teacher_targets']}; "
-               "export verified against torch")
-    rows = [["teacher", d["teacher"], f"{d['teacher_params']:,}", "1.000x", _pct(d.get("teacher_acc"))],
-            ["student", d["student"] + (f" x{d['width']:g}" if d.get("width") else ""), f"{d['student_params']:,}",
-             f"{d['params_ratio']:.3f}x", _pct(d.get("student_acc"))]]
-    click.echo(table(["", "model", "params", "vs teacher", "test acc"], rows, "llrrr"))
-    if d.get("test_data"):
-        click.echo(f"on {d['test_data']} ({d['test_samples']}): drop {d['drop_points']:.2f} points, top-1 agreement "
-                   f"with the teacher {d['agreement_top1']:.3f}")
+    click.echo(distill_summary(side, output))

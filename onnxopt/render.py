@@ -12,7 +12,7 @@ from pathlib import Path
 from .report import bench_table, search_table, table, verification_table
 
 __all__ = ["export_summary", "quantize_summary", "simplify_summary", "prune_summary", "apply_summary",
-           "search_summary", "optimize_summary", "models_table"]
+           "search_summary", "optimize_summary", "models_table", "head_summary", "distill_summary", "ensemble_summary"]
 
 
 def models_table(items: list[dict]) -> str:
@@ -131,4 +131,100 @@ def optimize_summary(report: dict) -> str:
         lines.append(search_summary(report))
     else:
         lines += [bench_table(report["bench"]), f"\nreport: {report['out']}/report.md, {report['out']}/report.json"]
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def head_summary(side: dict, output) -> str:
+    lines: list[str] = []
+    h = side["head"]
+    if h["route"] == "features":
+        lines.append(f"{output}: {h['head']} head on '{h['cut']}' ({h['cut_why']}), {h['classes']} classes "
+                     f"({', '.join(h['labels'])}), output '{h['output']}'")
+        rows = [[("* " if c["chosen"] else "  ") + c["name"], c["op"], c["features"], _pct(c["val_acc"])]
+                for c in h["candidates"]]
+        lines.append(table(["cut candidate", "op", "features", "val acc (CV)"], rows, "llrr"))
+        ver = side["verification"]
+        lines.append(f"graft check on {ver['data']} ({ver['samples']}): max abs error {ver['max_abs_err']:.2e}, "
+                     f"top-1 agreement {ver['top1_agreement']:.3f} -- {'passed' if ver['passed'] else 'FAILED'}")
+    else:
+        lines.append(f"{output}: new {h['head']} head, last {h['finetune_last']} of {h['blocks']} block(s) fine-tuned "
+                     f"({h['trainable_params']:,} trainable parameters), {h['classes']} classes; export verified "
+                     "against torch")
+    lines.append(f"{h['samples']} training examples; accuracy train {_pct(h['train_acc'])}, val {_pct(h['val_acc'])}, "
+                 f"test {_pct(h['test_acc'])}" + (f" ({h['test_data']}, {h['test_samples']})" if h.get("test_data") else ""))
+    return "\n".join(lines)
+
+
+def distill_summary(side: dict, output) -> str:
+    lines: list[str] = []
+    d = side["distill"]
+    resumed = f", resumed after epoch {d['resumed_from_epoch']}" if d.get("resumed_from_epoch") else ""
+    lines.append(f"{output}: {d['epochs']} epochs on {d['training_data']} ({d['samples']} samples, {d['labelled']} "
+                 f"labelled), {d['nproc']} process(es){resumed}; teacher targets {d['teacher_targets']}; "
+                 "export verified against torch")
+    rows = [["teacher", d["teacher"], f"{d['teacher_params']:,}", "1.000x", _pct(d.get("teacher_acc"))],
+            ["student", d["student"] + (f" x{d['width']:g}" if d.get("width") else ""), f"{d['student_params']:,}",
+             f"{d['params_ratio']:.3f}x", _pct(d.get("student_acc"))]]
+    lines.append(table(["", "model", "params", "vs teacher", "test acc"], rows, "llrrr"))
+    if d.get("test_data"):
+        lines.append(f"on {d['test_data']} ({d['test_samples']}): drop {d['drop_points']:.2f} points, top-1 agreement "
+                     f"with the teacher {d['agreement_top1']:.3f}")
+    return "\n".join(lines)
+
+
+def _percent(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def ensemble_summary(side: dict, output, method: str) -> str:
+    lines: list[str] = []
+    e = side["ensemble"]
+    names = [m["model"] for m in e["members"]]
+    acc = e.get("accuracy") or {}
+    if method == "parallel":
+        how = {"fit": f"weights fitted on {e['fit']['validation']}" if e.get("fit") else "fitted weights",
+               "given": "given weights", "uniform": "uniform weights"}[e["weights_source"]]
+        lines.append(f"{output}: {len(names)} model(s) in one graph -> '{e['output']}' = {e['combine']} ({how}); "
+                     f"opset {e['opset']}, {side['bytes']:,} bytes")
+        rows = [[n, f"{w:.4f}", _percent(a)] for n, w, a in zip(names, e["weights"], acc.get("members") or [None] * len(names))]
+        rows.append(["ensemble (fused)", "", _percent(acc.get("ensemble"))])
+        lines.append(table(["model", "weight", f"accuracy ({acc['dataset']})" if acc else "accuracy"], rows, "lrr"))
+        if e.get("note"):
+            lines.append(f"note: {e['note']}")
+    elif method == "cascade":
+        ch = e.get("choice")
+        how = (f"auto: lowest threshold keeping {ch['target_accuracy']:.4f} accuracy on {ch['validation']}"
+               if ch else "given")
+        lines.append(f"{output}: cascade {e['roles']['small']} -> {e['roles']['big']}, threshold {e['threshold']:g} "
+                     f"({how}); {side['bytes']:,} bytes")
+        r, lat = e.get("routing"), e.get("latency")
+        if r:
+            a = r.get("accuracy") or {}
+            rows = [["small", _percent(r["small"]), _percent(a.get("small")),
+                     f"{lat['small']['mean_ms']:.4f}" if lat else "-"],
+                    ["big", _percent(r["big"]), _percent(a.get("big")), f"{lat['big']['mean_ms']:.4f}" if lat else "-"],
+                    ["cascade (fused)", "-", _percent(a.get("cascade")),
+                     f"{lat['cascade']['mean_ms']:.4f}" if lat else "-"]]
+            lines.append(table(["model", "routed (batch 1)", f"accuracy ({r['dataset']})", "mean ms/sample"], rows,
+                               "lrrr"))
+            if lat:
+                lines.append(f"cascade vs big: {lat['speedup_vs_big']:.2f}x mean latency per sample (batch 1, "
+                             "interleaved)")
+        lines.append(f"rule: {e['batch_rule']}")
+    else:
+        lines.append(f"{output}: {e['soup']} soup of {len(e['ingredients'])} of {len(names)} model(s): "
+                     f"{', '.join(e['ingredients'])}")
+        if acc:
+            rows = [[n, _percent(a)] for n, a in zip(names, acc["members"])] + [["soup", _percent(acc["soup"])]]
+            lines.append(table(["model", f"accuracy ({acc['dataset']})"], rows, "lr"))
+    ver = side.get("verification") or {}
+    if ver.get("cases"):
+        worst = max((c.get("max_abs_err", 0.0) for c in ver["cases"]), default=0.0)
+        what = {"parallel": "the combination of the separate models", "cascade": "the routed model's output",
+                "soup": f"{e.get('ingredients', ['?'])[0]} (agreement only)"}[method]
+        lines.append(f"verified against {what}: {len(ver['cases'])} case(s), max abs err {worst:.3g}")
     return "\n".join(lines)
