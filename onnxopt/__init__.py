@@ -15,7 +15,7 @@ from .bench import BenchSettings, bench  # noqa: E402
 from .bundle import load, pack  # noqa: E402
 from .distill import distill  # noqa: E402
 from .ensemble import ensemble  # noqa: E402
-from .errors import BadInput, GateFailed, OnnxoptError, VerificationFailed  # noqa: E402
+from .errors import BadInput, GateFailed, InternalError, OnnxoptError, VerificationFailed  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
 from .export import Tolerance, export  # noqa: E402
 from .feeds import load_dataset  # noqa: E402
@@ -28,6 +28,7 @@ from .sources import list_models as models  # noqa: E402
 
 benchmark = bench
 
-__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "apply", "prune", "ensemble", "pack", "load",
+__all__ = ["export", "bench", "benchmark", "optimize", "quantize", "simplify", "apply",
+           "prune", "ensemble", "pack", "load",
            "head", "distill", "evaluate", "models", "load_dataset", "BenchSettings", "Tolerance", "OnnxoptError",
-           "BadInput", "VerificationFailed", "GateFailed", "__version__"]
+           "BadInput", "VerificationFailed", "GateFailed", "InternalError", "__version__"]

@@ -301,7 +301,8 @@ def report_cmd(run_dir):
     _print_search(rerender(run_dir))
 
 def _output_option(what: str):
-    return click.option("-o", "--output", required=True, type=click.Path(), help=f"Where to write the {what} .onnx file.")
+    return click.option("-o", "--output", required=True, type=click.Path(),
+                        help=f"Where to write the {what} .onnx file.")
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")

@@ -54,7 +54,8 @@ def optimize(
     ``model``: a built-in name, a factory ``module:function`` or a ``.onnx`` file.
     ``data``: a labelled dataset for accuracy; defaults to the model's built-in dataset.
     Gates (``gates``, a :class:`onnxopt.gates.Gates`, or its fields as keywords: ``max_drop``,
-    ``min_agreement``, ``min_cosine``, ``min_speedup``, ``max_size_mb``, ``max_p90_ms``) turn the search on; ``search=True`` searches with
+    ``min_agreement``, ``min_cosine``, ``min_speedup``, ``max_size_mb``, ``max_p90_ms``) turn the
+    search on; ``search=True`` searches with
     whatever gates are given (none: every variant passes and the fastest wins). ``budget_s``
     bounds the search; ``target`` (cpu | cuda) picks its search space. Raises GateFailed (exit 3)
     when no variant holds the gates (the report is written).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -89,12 +90,13 @@ class _Plan:
     chosen: str
     why: str
     pre: list[Step]
-    quant: object  # excluded names -> Step
+    quant: Callable[[tuple[str, ...]], Step]  # nodes kept in float -> the quantizer step
     calibration: Dataset | None = None
     calibration_name: str | None = None
 
 
-def quantize_steps(mode: str, model: ir.Model, static: dict, job: QuantizeSettings) -> tuple[str, str, list[Step], object]:
+def quantize_steps(mode: str, model: ir.Model, static: dict, job: QuantizeSettings
+                   ) -> tuple[str, str, list[Step], Callable[[tuple[str, ...]], Step]]:
     """(chosen mode, why, steps before the quantizer, quantizer step for excluded nodes): the
     step list ``quantize`` runs, for a recipe to run the same."""
     if mode == "auto":

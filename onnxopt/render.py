@@ -155,7 +155,8 @@ def head_summary(side: dict, output) -> str:
                      f"({h['trainable_params']:,} trainable parameters), {h['classes']} classes; export verified "
                      "against torch")
     lines.append(f"{h['samples']} training examples; accuracy train {_pct(h['train_acc'])}, val {_pct(h['val_acc'])}, "
-                 f"test {_pct(h['test_acc'])}" + (f" ({h['test_data']}, {h['test_samples']})" if h.get("test_data") else ""))
+                 f"test {_pct(h['test_acc'])}"
+                 + (f" ({h['test_data']}, {h['test_samples']})" if h.get("test_data") else ""))
     return "\n".join(lines)
 
 
@@ -190,7 +191,8 @@ def ensemble_summary(side: dict, output, method: str) -> str:
                "given": "given weights", "uniform": "uniform weights"}[e["weights_source"]]
         lines.append(f"{output}: {len(names)} model(s) in one graph -> '{e['output']}' = {e['combine']} ({how}); "
                      f"opset {e['opset']}, {side['bytes']:,} bytes")
-        rows = [[n, f"{w:.4f}", _percent(a)] for n, w, a in zip(names, e["weights"], acc.get("members") or [None] * len(names))]
+        member_acc = acc.get("members") or [None] * len(names)
+        rows = [[n, f"{w:.4f}", _percent(a)] for n, w, a in zip(names, e["weights"], member_acc)]
         rows.append(["ensemble (fused)", "", _percent(acc.get("ensemble"))])
         lines.append(table(["model", "weight", f"accuracy ({acc['dataset']})" if acc else "accuracy"], rows, "lrr"))
         if e.get("note"):
