@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import hashlib
 import json
 import logging
@@ -48,7 +47,7 @@ from .artifact import atomic_write_bytes, lineage, load_model, model_bytes, save
 from .errors import BadInput, InternalError, check_choice
 from .evaluate import agreement, top1
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
-from .options import option
+from .options import option, unknown_setting
 from .passes.head import LABELS_KEY, GraftHead, HeadMatch, cut_candidates, find_head, find_value, head_forward
 from .progress import progress
 from .runtime import make_session, ort, run
@@ -617,9 +616,7 @@ def _settings(settings: HeadSettings | None, options: dict) -> HeadSettings:
     names = [f.name for f in dataclasses.fields(HeadSettings)]
     for key in options:
         if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
-            raise BadInput("--" + key.replace("_", "-"), f"'{key}' is not an option of head",
-                           f"did you mean '{near[0]}'?" if near else f"options: {', '.join(names)}")
+            raise unknown_setting(key, names, "head", noun="option")
     if settings is None:
         if "data" not in options:
             raise BadInput("--data", *_NO_DATA)

@@ -99,13 +99,14 @@ def _has_fp16(proto: onnx.ModelProto) -> bool:
 
 
 def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | None, provider: str,
-                   label: str = "quantized", task: str | None = None) -> dict:
+                   label: str = "quantized", task: str | None = None, ref_out: np.ndarray | None = None) -> dict:
     """Agreement of ``new`` with ``ref`` on random inputs (batch 1, and 4 with right-padded masks)
     and on the gate samples of real data (:func:`onnxopt.gates.gate_data`); accuracy of both when
     the data is labelled, measured by :func:`onnxopt.gates.measure` -- the numbers a gate judges
     (``res["quality"]``). ``task`` (from the input's sidecar) decides whether top-1 agreement means
     anything: not for embeddings; unknown = a guess from the output shape. Raises
-    VerificationFailed on wrong shapes or NaN/Inf."""
+    VerificationFailed on wrong shapes or NaN/Inf. ``ref_out``: the reference's outputs on the gate
+    samples when the caller already has them."""
     classification = None if task is None else task == "classification"
     res: dict = {"provider": provider, "cases": []}
     s_ref = make_session(ref, provider)
@@ -120,7 +121,8 @@ def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | Non
     res["cases"] += _random_cases(ref, s_ref, s_new, label, classification)
     ds = gate_data(ds)
     if ds is not None:
-        ref_out = predict(ref, ds, where="reference")
+        if ref_out is None:
+            ref_out = predict(ref, ds, where="reference")
         out = predict(new, ds, where=f"{label} model", produced=True)
         q = measure(ref_out, new, ds, f"{label} model", classification, out=out)
         res["cases"].append({"case": ds.name, "samples": len(ds), **agreement(ref_out, out, classification)})
@@ -134,10 +136,7 @@ def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | Non
 
 def judge(gates: Gates, verification: dict, out_bytes: int) -> list[dict]:
     """The gate checks of a job's variant, on the numbers its verification measured."""
-    q = {**verification.get("quality", {}), "bytes": out_bytes}
-    if gates.max_drop is not None and "drop_points" not in q:
-        raise BadInput("--max-drop", "accuracy needs class scores [batch, classes] from the model's first output")
-    return gates.check_quality(q)
+    return gates.check_quality({**verification.get("quality", {}), "bytes": out_bytes})
 
 
 def gate_record(gates: Gates, checks: list[dict]) -> dict | None:

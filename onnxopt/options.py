@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import BadInput
 
-__all__ = ["option", "data_field", "fields_of", "settings_of", "build", "check_choices", "click_options", "flag_of",
+__all__ = ["option", "data_field", "data_fields", "fields_of", "settings_of", "build", "check_choices", "click_options", "flag_of",
            "split", "unknown_setting"]
 
 _MISSING = dataclasses.MISSING
@@ -50,6 +50,11 @@ def data_field() -> Any:
     return dataclasses.field(default=None, compare=False, repr=False, metadata={"data": True, "cli": False})
 
 
+def data_fields(cls) -> list[dataclasses.Field]:
+    """The data fields of a pass (class or instance): where the runner puts calibration feeds."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("data")]
+
+
 def fields_of(cls) -> dict[str, dataclasses.Field]:
     """Setting fields of a dataclass (the data field excluded), in declaration order."""
     return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("data")}
@@ -71,10 +76,12 @@ def check_choices(cls, settings: dict) -> None:
             raise BadInput(flag_of(f), f"'{settings[name]}' is not one of {', '.join(map(str, choices))}")
 
 
-def unknown_setting(key: str, allowed, what: str, where: str | None = None) -> BadInput:
+def unknown_setting(key: str, allowed, what: str, where: str | None = None, noun: str = "setting") -> BadInput:
+    """The error for a keyword ``what`` does not take: named as its flag, with the nearest name."""
     near = difflib.get_close_matches(str(key), list(allowed), n=1)
-    return BadInput(where or "--" + str(key).replace("_", "-"), f"'{key}' is not a setting of {what}",
-                    f"did you mean '{near[0]}'?" if near else f"settings: {', '.join(allowed) or 'none'}")
+    article = "an" if noun[0] in "aeiou" else "a"
+    return BadInput(where or "--" + str(key).replace("_", "-"), f"'{key}' is not {article} {noun} of {what}",
+                    f"did you mean '{near[0]}'?" if near else f"{noun}s: {', '.join(allowed) or 'none'}")
 
 
 def build(cls, settings: dict, *, what: str | None = None, **data):

@@ -27,7 +27,7 @@ from .artifact import load_model, model_bytes, read_sidecar
 from .errors import BadInput
 from .gates import Gates
 from .jobs import DataOptions, calibration_data, eval_data, job_gates, verify_variant, write_variant
-from .options import build, check_choices, option, split
+from .options import build, check_choices, fields_of, option, split
 from .passes.prune import MASK_METHODS, PruneChannels, PruneMasks, count_params
 from .passes._common import refuse_quantized
 from .runner import Step, calibration_feeds, run_steps
@@ -101,8 +101,8 @@ def _prune_torch(model, output, job: PruneSettings, data: DataOptions, gates: Ga
                        "pass --finetune-epochs N (and --data), or export it and prune the .onnx file")
     if job.method != "channel":
         raise BadInput("--method", f"fine-tuning prunes channels; '{job.method}' applies to ONNX files")
-    defaults = {**{k: f.default for k, f in _fields(PruneMasks).items()},
-                **{k: f.default for k, f in _fields(PruneChannels).items()}}
+    defaults = {**{k: f.default for k, f in fields_of(PruneMasks).items()},
+                **{k: f.default for k, f in fields_of(PruneChannels).items()}}
     unsupported = sorted(k for k, v in {**masks, **channel}.items()
                          if k not in ("amount", "importance", "round_to") and v not in (None, (), defaults.get(k)))
     if gates.active():
@@ -119,10 +119,6 @@ def _prune_torch(model, output, job: PruneSettings, data: DataOptions, gates: Ga
                           data=data.data, importance="l1" if importance == "auto" else importance,
                           round_to=None if round_to in (None, 1) else round_to, weights=job.weights,
                           input_shape=job.input_shape, lr=job.lr)
-
-
-def _fields(cls) -> dict:
-    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def prune_onnx(model_path: str | Path, output: str | Path, **options) -> dict:

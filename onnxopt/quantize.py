@@ -173,10 +173,10 @@ def _fallback(base: onnx.ModelProto, first: onnx.ModelProto, plan: _Plan, feeds,
     return best[0], best[1], report
 
 
-def _maybe_fallback(proto, base, qproto, plan, feeds, eval_ds, gates, job, excluded):
-    """Run the fallback when the gate fails on the first try; (model, its records or None, report)."""
+def _maybe_fallback(base, qproto, plan, feeds, eval_ds, ref_out, gates, job, excluded):
+    """Run the fallback when the gate fails on the first try; (model, its records or None, report).
+    ``ref_out``: the reference's outputs on the gate samples."""
     ds = gate_data(eval_ds)
-    ref_out = predict(proto, ds, where="reference")
     first = measure(ref_out, qproto, ds, "quantized model")
     if all(c["passed"] for c in gates.check_quality(first)):
         return qproto, None, None
@@ -247,21 +247,22 @@ def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
         _check_excluded(base, excluded)
     qproto, qrecs = run_steps(base, [plan.quant(excluded)], calibration=feeds, where=None)
     provider = "cuda" if plan.chosen == "fp16" and "cuda" in available_providers() else "cpu"
-    fb_report = None
+    fb_report, ref_out = None, None
     if gates.max_drop is not None and job.fallback and plan.chosen != "fp16" and provider == "cpu":
-        qproto, fb_recs, fb_report = _maybe_fallback(proto, base, qproto, plan, feeds, eval_ds, gates, job, excluded)
+        ref_out = predict(proto, gate_data(eval_ds), where="reference")  # read again by the verification
+        qproto, fb_recs, fb_report = _maybe_fallback(base, qproto, plan, feeds, eval_ds, ref_out, gates, job, excluded)
         qrecs = fb_recs or qrecs
     return _write(model_path, output, proto, qproto, records + qrecs, plan, job, eval_ds, gates, provider,
-                  fb_report, prev)
+                  fb_report, prev, ref_out)
 
 
 def _write(model_path, output, proto, out_proto, records, plan: _Plan, job: QuantizeSettings, eval_ds, gates,
-           provider, fb_report, prev) -> dict:
+           provider, fb_report, prev, ref_out) -> dict:
     for r in records:
         r["onnxopt"] = __version__
         if r["step"] == "quantize-static":
             r["calibration_data"] = plan.calibration_name
-    verification = verify_variant(proto, out_proto, eval_ds, provider, task=(prev or {}).get("task"))
+    verification = verify_variant(proto, out_proto, eval_ds, provider, task=(prev or {}).get("task"), ref_out=ref_out)
     decision = {"mode": job.mode, "chosen": plan.chosen, "why": plan.why, "target": job.target}
     extra: dict = {"quantize": decision}
     if fb_report is not None:

@@ -32,7 +32,7 @@ import onnx_ir as ir
 from .artifact import atomic_write_bytes, model_bytes, write_json
 from .errors import BadInput
 from .feeds import Dataset, array_digest
-from .options import build
+from .options import build, data_fields
 
 __all__ = ["Step", "make_pass", "run_steps", "calibration_feeds", "needs_calibration", "registry",
            "CALIBRATION_BATCH"]
@@ -77,7 +77,7 @@ def make_pass(name: str, settings: dict, calibration=None, where: str | None = "
         raise BadInput(f"{where or 'step'}.pass", f"unknown pass '{name}'",
                        f"did you mean '{near[0]}'?" if near else f"passes: {', '.join(sorted(passes))}")
     cls = passes[name]
-    data = {f.name: calibration for f in _data_fields(cls)}
+    data = {f.name: calibration for f in data_fields(cls)}
     try:
         return build(cls, settings, what=f"pass '{name}'", **data)
     except BadInput as e:  # name the step and the setting: steps[2].amount
@@ -87,15 +87,9 @@ def make_pass(name: str, settings: dict, calibration=None, where: str | None = "
         raise BadInput(at, e.problem, e.hint) from None
 
 
-def _data_fields(cls):
-    import dataclasses
-
-    return [f for f in dataclasses.fields(cls) if f.metadata.get("data")]
-
-
 def needs_calibration(cls) -> bool:
-    """Does the pass class take calibration data (has a data field)?"""
-    return bool(_data_fields(cls))
+    """Does the pass (class or instance) take calibration data (has a data field)?"""
+    return bool(data_fields(cls))
 
 
 def calibration_feeds(ds: Dataset | None, batch: int = CALIBRATION_BATCH) -> list[dict] | None:
@@ -122,13 +116,16 @@ def run_steps(model: onnx.ModelProto, steps, *, calibration: list[dict] | None =
     settings and data were seen before is read back instead of run."""
     records = []
     current = model
-    data_key = _data_key(calibration)
+    data_key = None  # hashed the first time a step takes the data, not for every simplify
     for i, item in enumerate(steps):
         step = Step.of(item)
         p = make_pass(step.name, step.settings, calibration, where=None if where is None else f"{where}[{i}]")
         settings = p.settings()
         blob = model_bytes(current)
-        key = hashlib.sha256(blob + json.dumps([step.name, settings, data_key if p.needs_calibration else ""],
+        uses_data = needs_calibration(p)
+        if uses_data and data_key is None:
+            data_key = _data_key(calibration)
+        key = hashlib.sha256(blob + json.dumps([step.name, settings, data_key if uses_data else ""],
                                                sort_keys=True, default=str).encode()).hexdigest()[:24]
         rec = {"step": step.name, "settings": settings, "bytes_before": len(blob), "cache_key": key}
         hit = cache / f"{key}.onnx" if cache else None

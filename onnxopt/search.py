@@ -260,8 +260,8 @@ def evaluate_variants(reference: Path, candidates: list[dict], *, data=None, gat
     gates = gates or Gates()
     settings = settings or BenchSettings(batches=(1,), duration=2.0, memory=False)
     out = Path(out)
-    t_start = time.perf_counter()
     ctx = _context(Path(reference), data, gates, out, preprocess, cache)
+    t_start = time.perf_counter()
     variants = _build_all(ctx, candidates, settings, budget_s)
     build_s = time.perf_counter() - t_start
     report_bench, ref_row = _time_survivors(ctx, variants, settings)

@@ -43,15 +43,11 @@ class OnnxoptPass(ir.passes.FunctionalPass):
       quantized model (``refuses_quantized``).
     * ``ensures(model)`` is the postcondition after ``call``: a failure there is onnxopt's bug
       (``__call__`` turns it into :class:`onnxopt.errors.InternalError`, exit 1).
-    * ``needs_calibration``: the pass has a data field (:func:`onnxopt.options.data_field`) the
-      runner fills with calibration feeds.
+    * a data field (:func:`onnxopt.options.data_field`) is where the runner puts calibration feeds
+      (:func:`onnxopt.runner.needs_calibration`).
     """
 
     refuses_quantized: ClassVar[bool] = True
-
-    @property
-    def needs_calibration(self) -> bool:
-        return any(f.metadata.get("data") for f in dataclasses.fields(self))
 
     def settings(self) -> dict:
         """The options as recorded in a sidecar (everything but the data)."""
