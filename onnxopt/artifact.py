@@ -157,7 +157,10 @@ def io_signature(model: onnx.ModelProto) -> dict:
             else:
                 dims.append(None)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else None
-        return {"name": vi.name, "dtype": dtype, "shape": dims}
+        d = {"name": vi.name, "dtype": dtype, "shape": dims}
+        if not t.HasField("shape"):
+            d["has_shape"] = False  # no shape declared at all (any rank), unlike a declared scalar (shape [])
+        return d
 
     inits = {i.name for i in model.graph.initializer}
     return {

@@ -315,7 +315,7 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the s
 @click_options(DataOptions)
 @click_options(QuantizeSettings, ["target"])
 @click_options(QuantizeStatic, list(STATIC_OPTIONS))
-@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_size_mb"])
+@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_size_mb"])
 @click_options(QuantizeSettings, ["fallback", "max_float_nodes", "speed_check"])
 @_json_option
 def quantize(model, output, as_json, **options):
@@ -378,7 +378,7 @@ def simplify(model, output, as_json, **settings):
 @click.option("--nm", "nm", default="2:4", show_default=True, help="nm: keep N of every M weights (N:M).")
 @click_options(DataOptions)
 @click_options(PruneChannels, ["calibration_samples"])
-@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_size_mb"])
+@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_size_mb"])
 @click_options(PruneSettings, ["finetune_epochs", "weights", "input_shape"])
 @_json_option
 def prune(model, output, nm, as_json, **options):
@@ -439,7 +439,7 @@ class _PassGroup(click.Group):
         @_output_option(name)
         @click_options(cls)
         @click_options(DataOptions)
-        @click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_size_mb"])
+        @click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_size_mb"])
         @_json_option
         def run_pass(model, output, as_json, **options):
             from .apply import apply
@@ -468,6 +468,7 @@ def apply_cmd() -> None:
 
 from ._cli_bundle import pack as _pack_cmd, verify_bundle as _verify_bundle_cmd  # noqa: E402
 from ._cli_ensemble import ensemble as _ensemble_cmd  # noqa: E402
+from ._cli_inspect import inspect as _inspect_cmd  # noqa: E402
 from ._cli_train import distill as _distill_cmd, head as _head_cmd  # noqa: E402
 
 main.add_command(_head_cmd)
@@ -475,6 +476,7 @@ main.add_command(_distill_cmd)
 main.add_command(_ensemble_cmd)
 main.add_command(_pack_cmd)
 main.add_command(_verify_bundle_cmd)
+main.add_command(_inspect_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

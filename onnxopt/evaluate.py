@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .feeds import Dataset, cast_feeds, check_feeds
+from .errors import BadInput
+from .feeds import Dataset, cast_feeds, check_dataset, fixed_batch
 from .runtime import make_session, run
 
-__all__ = ["agreement", "cosine_rows", "evaluate", "predict", "top1", "top1_agreement"]
+__all__ = ["agreement", "compare", "cosine_rows", "evaluate", "predict", "predict_all", "Outputs", "top1",
+           "top1_agreement"]
 
 
 def top1(scores, labels) -> float:
@@ -27,8 +31,10 @@ def cosine_rows(ref, out) -> np.ndarray:
     o = np.asarray(out, dtype=np.float64)
     r = r.reshape(len(r), -1) if r.ndim > 1 else r.reshape(1, -1)
     o = o.reshape(len(o), -1) if o.ndim > 1 else o.reshape(1, -1)
-    denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
-    return np.where(denom > 0, (r * o).sum(1) / np.maximum(denom, 1e-300), 1.0)
+    nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
+    denom = nr * no
+    both_zero = np.where((nr == 0) & (no == 0), 1.0, 0.0)
+    return np.where(denom > 0, (r * o).sum(1) / np.maximum(denom, 1e-300), both_zero)
 
 
 def agreement(ref: np.ndarray, out: np.ndarray, classification: bool | None = None) -> dict:
@@ -55,17 +61,183 @@ def agreement(ref: np.ndarray, out: np.ndarray, classification: bool | None = No
 
 def predict(model, dataset: Dataset, batch: int = 64, provider: str = "cpu", threads: int | None = None,
             where: str = "model", produced: bool = False) -> np.ndarray:
-    """First output of ``model`` over the whole dataset, run in batches. ``produced``: the model
-    is one onnxopt wrote (ONNX Runtime failing on it is then onnxopt's bug, not bad input)."""
+    """First output of ``model`` over the whole (uniform) dataset, run in batches. ``produced``:
+    the model is one onnxopt wrote (ONNX Runtime failing on it is then onnxopt's bug, not bad input)."""
+    outs = predict_all(model, dataset, batch, provider, threads, where, produced)
+    first = outs.first()
+    if first is None:
+        raise BadInput(dataset.name, "the model's first output has different shapes from sample to sample",
+                       "this measure needs one output array over all samples")
+    return first
+
+
+@dataclass
+class Outputs:
+    """Every output of a model over a dataset: ``batches[i][j]`` is output ``j`` on batch
+    (or, for per-sample data, sample) ``i``. Shapes may differ from batch to batch."""
+
+    names: list[str]
+    batches: list[list[np.ndarray]]
+
+    def first(self) -> np.ndarray | None:
+        """The first output over all batches, concatenated (None when shapes do not allow it)."""
+        parts = [b[0] for b in self.batches]
+        if not parts or any(p.ndim == 0 for p in parts) or len({p.shape[1:] for p in parts}) != 1:
+            return None
+        return np.concatenate(parts)
+
+
+def predict_all(model, dataset: Dataset, batch: int = 64, provider: str = "cpu", threads: int | None = None,
+                where: str = "model", produced: bool = False) -> Outputs:
+    """All outputs of ``model`` on every batch (or sample) of ``dataset``: what is really
+    returned, whatever shapes the file declares."""
     import onnx
 
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
     sess = make_session(proto, provider, threads, where, produced=produced)
-    check_feeds(proto, dataset.inputs, f"{dataset.name}")
-    outs = []
-    for feeds, _ in dataset.batches(batch):
-        outs.append(run(sess, cast_feeds(proto, feeds), where, produced=produced)[0])
-    return np.concatenate(outs)
+    check_dataset(proto, dataset)
+    batch = fixed_batch(proto) or batch  # a file fixed at batch 1 runs one sample at a time
+    got = [run(sess, cast_feeds(proto, feeds), where, produced=produced) for feeds, _ in dataset.batches(batch)]
+    return Outputs([o.name for o in sess.get_outputs()], [[np.asarray(a) for a in b] for b in got])
+
+
+def _channel_axis(shape: tuple) -> int | None:
+    """The axis judged channel by channel: the last of a 2-D output, else the smaller of axis 1
+    and the last axis (NCHW maps and [1, 84, anchors] heads: 1; [1, anchors, 85] heads: -1)."""
+    if len(shape) < 2:
+        return None
+    if len(shape) == 2:
+        return 1
+    return 1 if shape[1] <= shape[-1] else len(shape) - 1
+
+
+class _OutputStats:
+    """Streams one output's comparison over batches (hand-written: no library judges a
+    rewritten model channel by channel against its reference)."""
+
+    QUANTILE = 0.999  # a few stray elements of a large map do not fail a channel
+
+    def __init__(self, name: str):
+        self.name, self.shape_ok, self.numeric = name, True, True
+        self.max_err = self.sum_err = 0.0
+        self.count = self.mismatch = 0
+        self.ref_max = 0.0
+        self.cos: list[np.ndarray] = []
+        self.axis: int | None = None
+        self.lo = self.hi = self.err_q = None  # per channel: reference min/max, error quantile
+        self.argmax_changed = self.argmax_total = 0
+        self.flips = self.positives = 0
+
+    def add(self, ref: np.ndarray, out: np.ndarray) -> None:
+        if ref.shape != out.shape:
+            self.shape_ok = False
+            return
+        if ref.dtype.kind not in "fc" or out.dtype.kind not in "fc":
+            self.numeric = False
+            self.mismatch += int(np.count_nonzero(ref != out))
+            self.count += ref.size
+            return
+        r, o = ref.astype(np.float64), out.astype(np.float64)
+        d = np.abs(r - o)
+        if d.size:
+            self.max_err = max(self.max_err, float(d.max()))
+            self.ref_max = max(self.ref_max, float(np.abs(r).max()))
+        self.sum_err += float(d.sum())
+        self.count += d.size
+        self.cos.append(cosine_rows(r, o) if r.ndim else np.array([1.0 if r == o else 0.0]))
+        self._channels(r, o, d)
+        if r.ndim >= 2 and r.shape[-1] > 1:
+            self.argmax_changed += int(np.count_nonzero(r.argmax(-1) != o.argmax(-1)))
+            self.argmax_total += int(np.prod(r.shape[:-1]))
+
+    def _channels(self, r: np.ndarray, o: np.ndarray, d: np.ndarray) -> None:
+        axis = _channel_axis(r.shape)
+        n = 1 if axis is None else r.shape[axis]
+        if self.lo is not None and (axis != self.axis or n != len(self.lo)):
+            axis, n = None, 1  # channels differ from batch to batch: judge each tensor whole
+            if self.axis is not None or len(self.lo) != 1:
+                self.lo = self.hi = self.err_q = None
+        self.axis = axis
+
+        def by_channel(a: np.ndarray) -> np.ndarray:
+            return a.reshape(1, -1) if axis is None else np.moveaxis(a, axis, 0).reshape(n, -1)
+
+        rc, dc = by_channel(r), by_channel(d)
+        if rc.shape[1] == 0:
+            return
+        lo, hi, q = rc.min(1), rc.max(1), np.quantile(dc, self.QUANTILE, axis=1)
+        if self.lo is None:
+            self.lo, self.hi, self.err_q = lo, hi, q
+        else:
+            self.lo, self.hi, self.err_q = np.minimum(self.lo, lo), np.maximum(self.hi, hi), np.maximum(self.err_q, q)
+        prob = (lo >= 0) & (hi <= 1)
+        if prob.any():
+            ref_pos, out_pos = rc[prob] > 0.5, by_channel(o)[prob] > 0.5
+            self.flips += int(np.count_nonzero(ref_pos != out_pos))
+            self.positives += int(np.count_nonzero(ref_pos))
+
+    def result(self) -> dict:
+        res: dict = {"output": self.name, "shape_ok": self.shape_ok}
+        if not self.shape_ok:
+            return res
+        if not self.numeric:
+            res["mismatch"] = self.mismatch / max(self.count, 1)
+            return res
+        cos = np.concatenate(self.cos) if self.cos else np.ones(1)
+        res.update(max_abs_err=self.max_err, mean_abs_err=self.sum_err / max(self.count, 1),
+                   ref_max_abs=self.ref_max, cosine_min=float(cos.min()), cosine_mean=float(cos.mean()))
+        if self.lo is not None:
+            # A channel's scale is its range over the samples, but never under a tenth of its
+            # magnitude: a logit that sits near 10 and moves by 0.02 is not judged on 0.02.
+            span = self.hi - self.lo
+            scale = np.maximum(span, 0.1 * np.maximum(np.abs(self.lo), np.abs(self.hi)))
+            rel = self.err_q / np.maximum(scale, max(float(span.max()) * 1e-3, 1e-12))
+            worst = int(rel.argmax())
+            res.update(channel_axis=self.axis, channels=len(rel), channel_err=float(rel[worst]),
+                       worst_channel=worst, worst_channel_range=[float(self.lo[worst]), float(self.hi[worst])])
+        if self.argmax_total:
+            res["argmax_changed"] = self.argmax_changed / self.argmax_total
+        if self.positives or self.flips:
+            res["threshold_flips"] = self.flips / max(self.positives, 1)
+        return res
+
+
+def compare(ref: Outputs, out: Outputs, classification: bool | None = None) -> dict:
+    """``out`` against ``ref``, every output judged on its own and channel by channel: per output
+    max/mean error, row cosines, the 99.9th-percentile error of each channel relative to that
+    channel's range in the reference, or a tenth of its magnitude when that is larger
+    (``channel_err``: box coordinates and class scores in one tensor are each judged on their
+    own scale), arg-max changes along the last axis, and flips
+    of probabilities across 0.5. Overall: the worst output's figures, and top-1 agreement of the
+    first output for classifiers (``classification`` None = guessed from its shape)."""
+    stats = [_OutputStats(n) for n in ref.names]
+    if len(ref.batches) != len(out.batches) or any(len(a) != len(b) for a, b in zip(ref.batches, out.batches)):
+        return {"shape_ok": False, "outputs": []}
+    for rb, ob in zip(ref.batches, out.batches):
+        for st, r, o in zip(stats, rb, ob):
+            st.add(r, o)
+    per = [st.result() for st in stats]
+    res: dict = {"shape_ok": all(p["shape_ok"] for p in per), "outputs": per}
+    if not res["shape_ok"]:
+        bad = next(p for p in per if not p["shape_ok"])
+        res["bad_output"] = bad["output"]
+        return res
+    num = [p for p in per if "cosine_min" in p]
+    res["cosine_min"] = min((p["cosine_min"] for p in num), default=1.0)
+    res["cosine_mean"] = min((p["cosine_mean"] for p in num), default=1.0)
+    res["max_abs_err"] = max((p["max_abs_err"] for p in num), default=0.0)
+    res["mismatch"] = max((p.get("mismatch", 0.0) for p in per), default=0.0)
+    chans = [p for p in num if "channel_err" in p]
+    if chans:
+        worst = max(chans, key=lambda p: p["channel_err"])
+        res["channel_err"] = worst["channel_err"]
+        res["channel_err_at"] = f"{worst['output']}[channel {worst['worst_channel']}]"
+    r0, o0 = ref.first(), out.first()
+    if classification is None:
+        classification = r0 is not None and r0.ndim == 2 and r0.shape[1] > 1 and len(ref.names) == 1
+    if classification and r0 is not None and o0 is not None and r0.ndim == 2 and r0.shape == o0.shape:
+        res["top1_agreement"] = top1_agreement(r0, o0)
+    return res
 
 
 def evaluate(model, dataset: Dataset, reference=None, batch: int = 64, where: str = "model") -> dict:

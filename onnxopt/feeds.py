@@ -19,29 +19,69 @@ import onnx
 from .artifact import io_signature
 from .errors import BadInput
 
-__all__ = ["Dataset", "random_feeds", "load_dataset", "check_feeds", "gather_vocab_sizes", "array_digest"]
+__all__ = ["Dataset", "random_feeds", "load_dataset", "check_feeds", "check_dataset", "gather_vocab_sizes",
+           "array_digest", "save_samples", "SAMPLE_KEY"]
 
 @dataclass
 class Dataset:
-    """Labelled (or unlabelled) inputs. ``inputs`` maps input name -> array with batch first."""
+    """Labelled (or unlabelled) inputs, in one of two forms:
+
+    * uniform: ``inputs`` maps input name -> array with the samples along axis 0 (a 0-d array,
+      e.g. a sample rate, is one value given whole to every batch);
+    * per sample: ``samples`` is a list of complete feed dicts, each exactly as the model takes
+      it, of any shapes (images of different sizes, token sequences of different lengths,
+      recurrent state whose axis 0 is not a batch). They are never concatenated: each sample is
+      run, calibrated on and compared on its own. ``inputs`` is then empty.
+    """
 
     name: str
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    samples: list[dict[str, np.ndarray]] | None = None
+
+    @property
+    def per_sample(self) -> bool:
+        return self.samples is not None
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        if self.samples is not None:
+            return len(self.samples)
+        sized = [v for v in self.inputs.values() if np.ndim(v)]
+        return len(sized[0]) if sized else 1
 
     def head(self, n: int) -> "Dataset":
         """The first ``n`` samples (views, no copy)."""
-        return Dataset(self.name, {k: v[:n] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[:n])
+        labels = None if self.labels is None else self.labels[:n]
+        if self.samples is not None:
+            return Dataset(self.name, {}, labels, self.samples[:n])
+        return Dataset(self.name, {k: v[:n] if np.ndim(v) else v for k, v in self.inputs.items()}, labels)
 
     def batches(self, batch: int):
+        """(feeds, labels) of up to ``batch`` samples; per-sample data yields one sample at a time."""
+        if self.samples is not None:
+            for i, s in enumerate(self.samples):
+                yield s, None if self.labels is None else self.labels[i:i + 1]
+            return
         n = len(self)
         for i in range(0, n, batch):
-            yield ({k: v[i : i + batch] for k, v in self.inputs.items()},
-                   None if self.labels is None else self.labels[i : i + batch])
+            yield ({k: v[i: i + batch] if np.ndim(v) else v for k, v in self.inputs.items()},
+                   None if self.labels is None else self.labels[i: i + batch])
+
+    def feed_names(self) -> set[str]:
+        return set(self.samples[0]) if self.samples else set(self.inputs)
+
+    def uniform(self, where: str) -> "Dataset":
+        """This dataset, refusing per-sample data where a command needs one array per input."""
+        if self.samples is not None:
+            raise BadInput(where, f"{self.name} holds samples of different shapes; this command needs one "
+                           "array per input with the samples along axis 0")
+        return self
+
+    def digest_arrays(self) -> dict[str, np.ndarray]:
+        """Named arrays that identify the data's content (for cache keys)."""
+        if self.samples is None:
+            return dict(self.inputs)
+        return {f"{i:06d}/{k}": v for i, s in enumerate(self.samples) for k, v in s.items()}
 
 
 def array_digest(arrays: dict[str, np.ndarray]) -> str:
@@ -88,13 +128,44 @@ def gather_vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
     return sizes
 
 
-def _dim_value(dim, axis: int, batch: int, seq: int) -> int:
-    """A concrete size for one dim of a graph input: fixed dims as written, the first dim is the
-    batch, and any other symbolic dim (a name like "seq" or an expression like "seq + 1") is
-    the sequence length -- the one other dynamic axis every text model we have seen has."""
-    if isinstance(dim, int):
-        return dim
-    return batch if axis == 0 else seq
+def _free(d) -> bool:
+    """A dim the file leaves open: a name, nothing, or a non-positive value (-1 in Paddle exports)."""
+    return not isinstance(d, int) or d <= 0
+
+
+def _image_like(inp: dict) -> bool:
+    """A float NCHW input with a fixed channel count of 1-4: its open spatial dims get image sizes
+    (multiples of 32, which strided backbones and FPN decoders need), not sequence lengths."""
+    shape = inp["shape"]
+    return (len(shape) == 4 and np.dtype(inp["dtype"] or "float32").kind == "f"
+            and isinstance(shape[1], int) and 1 <= shape[1] <= 4)
+
+
+class ShapePlan:
+    """Concrete sizes for a model's open dims, following the graph's own rules: a dim name means
+    the same size on every input; the batch is the name (or open dim) on axis 0, and only where
+    axis 0 is open -- an input whose axis 0 is fixed (recurrent state ``[2, batch, 128]``, a file
+    fixed at batch 1) keeps it; other open dims are sequence lengths, or image sides on NCHW
+    inputs."""
+
+    def __init__(self, sig_inputs: list[dict], batch: int, seq: int, side: int):
+        self.batch, self.seq, self.side = batch, seq, side
+        self.batch_names = {i["shape"][0] for i in sig_inputs if i["shape"] and isinstance(i["shape"][0], str)}
+        self.names: dict[str, int] = {}
+        self.free_batch = any(i["shape"] and _free(i["shape"][0]) for i in sig_inputs)
+
+    def shape(self, inp: dict) -> list[int]:
+        image = _image_like(inp)
+        out = []
+        for axis, d in enumerate(inp["shape"]):
+            if not _free(d):
+                out.append(d)
+            elif isinstance(d, str):
+                default = self.batch if d in self.batch_names else (self.side if image and axis >= 2 else self.seq)
+                out.append(self.names.setdefault(d, default))
+            else:
+                out.append(self.batch if axis == 0 else (self.side if image and axis >= 2 else self.seq))
+        return out
 
 
 def random_feeds(
@@ -104,28 +175,37 @@ def random_feeds(
     seed: int = 0,
     where: str = "model",
     padded: bool = False,
+    side: int = 64,
 ) -> dict[str, np.ndarray]:
-    """Deterministic random inputs for ``model`` at a batch size (and sequence length).
+    """Deterministic random inputs for ``model`` at a batch size (and sequence length; ``side``
+    for the open spatial dims of image inputs), following :class:`ShapePlan`'s rules.
 
     ``padded``: integer mask inputs (``*mask*``) pad each row after the first on the right, to
     lengths running from the full sequence down to about half of it, as a tokenizer pads a batch of
     sentences. Verification uses it, so a rewrite that mishandles padding cannot pass on all-ones
-    masks; timing keeps full rows."""
+    masks; timing keeps full rows. Raises BadInput for what cannot be invented: an input with no
+    declared type or shape, a non-numeric type, an integer scalar (a sample rate, a step count:
+    its value matters), and a batch other than 1 on a file whose axis 0 is fixed everywhere."""
     sig = io_signature(model)
     vocab = gather_vocab_sizes(model)
     rng = np.random.default_rng(seed)
+    plan = ShapePlan(sig["inputs"], batch, seq, side)
+    if batch != 1 and sig["inputs"] and not plan.free_batch:
+        fixed = sig["inputs"][0]["shape"][0] if sig["inputs"][0]["shape"] else None
+        raise BadInput(where, f"has a fixed batch of {fixed} (axis 0 of every input); cannot run it at batch {batch}",
+                       f"use --batch {fixed}" if isinstance(fixed, int) and fixed > 0 else "")
     feeds: dict[str, np.ndarray] = {}
     for inp in sig["inputs"]:
-        if inp["dtype"] is None:
-            raise BadInput(where, f"input '{inp['name']}' is not a tensor; cannot make inputs for it")
-        shape = []
-        for i, d in enumerate(inp["shape"]):
-            shape.append(_dim_value(d, i, batch, seq))
-        if inp["shape"] and isinstance(inp["shape"][0], int) and inp["shape"][0] != batch:
-            raise BadInput(where, f"input '{inp['name']}' has a fixed batch dim of {inp['shape'][0]}, "
-                           f"cannot run it at batch {batch}", f"use --batch {inp['shape'][0]}")
+        name = inp["name"]
+        if inp["dtype"] is None or not inp.get("has_shape", True):
+            raise BadInput(where, f"input '{name}' declares no tensor type or shape; random inputs cannot be "
+                           "made for it", "pass real inputs with --data")
+        shape = plan.shape(inp)
         dtype = np.dtype(inp["dtype"])
-        lname = inp["name"].lower()
+        lname = name.lower()
+        if not shape and dtype.kind in "iu":
+            raise BadInput(where, f"input '{name}' is an integer scalar (its value matters, e.g. a sample rate); "
+                           "random inputs cannot guess it", "pass real inputs with --data")
         if dtype.kind == "f":
             arr = rng.standard_normal(shape).astype(dtype)
         elif dtype.kind in "iu":
@@ -139,15 +219,26 @@ def random_feeds(
             elif "type" in lname or "segment" in lname:
                 arr = np.zeros(shape, dtype)
             else:
-                high = min(vocab.get(inp["name"], 100), 30000)
+                high = min(vocab.get(name, 100), 30000)
                 arr = rng.integers(0, max(high, 1), size=shape).astype(dtype)
         elif dtype.kind == "b":
             arr = rng.integers(0, 2, size=shape).astype(bool)
         else:
-            raise BadInput(where, f"input '{inp['name']}' has type {dtype}, which onnxopt cannot generate",
-                           "pass real inputs as an .npz file")
-        feeds[inp["name"]] = arr
+            raise BadInput(where, f"input '{name}' has type {dtype}, which onnxopt cannot generate",
+                           "pass real inputs with --data")
+        feeds[name] = arr
     return feeds
+
+
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch a file is fixed at (axis 0 of every input fixed to the same size), else None."""
+    sizes = set()
+    for inp in io_signature(model)["inputs"]:
+        shape = inp["shape"]
+        if not shape or _free(shape[0]):
+            return None
+        sizes.add(shape[0])
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str) -> None:
@@ -159,18 +250,30 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str
         raise BadInput(where, f"no data for model input(s) {', '.join(missing)}",
                        f"the data has {', '.join(sorted(feeds)) or 'nothing'}")
     for name, spec in expected.items():
-        arr = feeds[name]
+        arr = np.asarray(feeds[name])
         shape = spec["shape"]
+        if not spec.get("has_shape", True):
+            shape = list(arr.shape)  # the file declares no shape: any rank goes
         if len(arr.shape) != len(shape):
             raise BadInput(where, f"input '{name}' expects rank {len(shape)} {_fmt(shape)}, "
                            f"got shape {_fmt(arr.shape)}")
         for i, (want, got) in enumerate(zip(shape, arr.shape)):
-            if isinstance(want, int) and want != got and i > 0:
+            if isinstance(want, int) and want > 0 and want != got and i > 0:
                 raise BadInput(where, f"input '{name}' expects shape {_fmt(shape)}, got {_fmt(arr.shape)}")
         if spec["dtype"] and np.dtype(spec["dtype"]).kind != arr.dtype.kind:
             raise BadInput(where, f"input '{name}' expects {spec['dtype']}, got {arr.dtype}")
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             raise BadInput(where, f"input '{name}' contains NaN or infinite values")
+
+
+def check_dataset(model: onnx.ModelProto, ds: Dataset, where: str | None = None) -> None:
+    """:func:`check_feeds` on a dataset: its arrays, or each of its samples (naming the sample)."""
+    where = where or ds.name
+    if ds.samples is None:
+        check_feeds(model, ds.inputs, where)
+        return
+    for i, s in enumerate(ds.samples):
+        check_feeds(model, s, f"{where}, sample {i}")
 
 
 def _fmt(shape) -> str:
@@ -195,7 +298,9 @@ def load_dataset(spec, model: onnx.ModelProto | None = None, *, preprocess: str 
       preprocessed as ``preprocess`` says (see :mod:`onnxopt.data.images`);
     * ``module:function`` (or ``path/to/file.py:function``): a Python callable returning a
       :class:`Dataset`, a dict of input arrays (optionally with ``labels``), an ``(inputs,
-      labels)`` tuple, or an iterable of feed dicts (batches are concatenated);
+      labels)`` tuple, or an iterable of feed dicts (concatenated when exact, else kept per sample);
+    * an ``.npz`` of recorded feeds (:func:`save_samples`, :mod:`onnxopt.record`): keys
+      ``sample0000/<input name>``, one sample per prefix, any shapes;
     * a :class:`Dataset` (returned as is).
     """
     if isinstance(spec, Dataset):
@@ -235,7 +340,86 @@ def load_dataset(spec, model: onnx.ModelProto | None = None, *, preprocess: str 
             else {"x": loaded}
     except Exception as e:  # numpy raises several types for corrupt files
         raise BadInput(spec, f"cannot read it as numpy data ({type(e).__name__})") from None
+    if any(SAMPLE_KEY.match(k) for k in arrays):
+        return _from_sample_keys(spec, arrays, model, os.path.basename(spec))
     return _from_arrays(spec, arrays, model, os.path.basename(spec))
+
+
+# Recorded feeds (see onnxopt.record): one sample per key prefix, "sample0000/<input name>", any
+# shapes per sample; an optional top-level "labels" array holds one label per sample.
+SAMPLE_KEY = re.compile(r"^sample(\d+)/(.+)$")
+
+
+def save_samples(path, samples: list[dict[str, np.ndarray]], labels=None) -> None:
+    """Write per-sample feeds in the recorded-feeds format (pickle-free ``.npz``), atomically."""
+    import io
+
+    from .artifact import atomic_write_bytes
+
+    arrays = {f"sample{i:04d}/{k}": np.asarray(v) for i, s in enumerate(samples) for k, v in s.items()}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _from_sample_keys(spec: str, arrays: dict, model: onnx.ModelProto | None, name: str) -> Dataset:
+    by_index: dict[int, dict[str, np.ndarray]] = {}
+    labels = arrays.pop("labels", None)
+    for key, value in arrays.items():
+        m = SAMPLE_KEY.match(key)
+        if m is None:
+            raise BadInput(spec, f"key '{key}' is not 'sampleNNNN/<input name>' (or 'labels') in a file of "
+                           "recorded samples")
+        by_index.setdefault(int(m.group(1)), {})[m.group(2)] = np.asarray(value)
+    samples = [by_index[i] for i in sorted(by_index)]
+    return _from_samples(spec, samples, model, f"{name} ({len(samples)} samples)", labels)
+
+
+def _from_samples(spec: str, samples: list[dict], model: onnx.ModelProto | None, name: str,
+                  labels=None) -> Dataset:
+    """Per-sample feeds: concatenated into a uniform dataset when that is exact (every input has
+    a batch axis 0 the model leaves free, and the other dims agree); else kept per sample."""
+    if not samples:
+        raise BadInput(spec, "holds no samples")
+    keys = set(samples[0])
+    for i, s in enumerate(samples):
+        if set(s) != keys:
+            raise BadInput(spec, f"sample {i} has inputs {', '.join(sorted(s))}, sample 0 has "
+                           f"{', '.join(sorted(keys))}")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if len(labels) != len(samples) or labels.dtype.kind not in "iu":
+            raise BadInput(spec, f"labels must be {len(samples)} integers, one per sample")
+    if _concatenable(samples, model):
+        return Dataset(name, {k: np.concatenate([s[k] for s in samples]) for k in keys}, labels)
+    return Dataset(name, {}, labels, samples)
+
+
+def _batch_axes(model: onnx.ModelProto | None) -> dict[str, bool]:
+    """Per model input: is axis 0 a free batch axis (symbolic, unknown or -1, with the same
+    symbol on every input that has one)?"""
+    if model is None:
+        return {}
+    out = {}
+    for inp in io_signature(model)["inputs"]:
+        shape = inp["shape"] or []
+        out[inp["name"]] = bool(shape) and (shape[0] is None or isinstance(shape[0], str) or shape[0] == -1)
+    return out
+
+
+def _concatenable(samples: list[dict], model: onnx.ModelProto | None) -> bool:
+    if model is None:
+        return False
+    free = _batch_axes(model)
+    for k in samples[0]:
+        if not free.get(k, False):
+            return False
+        shapes = {np.shape(s[k])[1:] for s in samples}
+        if len(shapes) != 1 or any(np.ndim(s[k]) == 0 for s in samples):
+            return False
+    return True
 
 
 def _from_arrays(spec: str, arrays: dict, model: onnx.ModelProto | None, name: str,
@@ -251,9 +435,12 @@ def _from_arrays(spec: str, arrays: dict, model: onnx.ModelProto | None, name: s
         names = [i["name"] for i in io_signature(model)["inputs"]]
         if len(names) == 1 and len(arrays) == 1 and names[0] not in arrays:
             arrays = {names[0]: next(iter(arrays.values()))}
-    lengths = {len(v) for v in arrays.values()} | ({len(labels)} if labels is not None else set())
-    if len(lengths) != 1:
-        raise BadInput(spec, "arrays and labels have different lengths")
+    lengths = {len(v) for v in arrays.values() if v.ndim} | ({len(labels)} if labels is not None else set())
+    if len(lengths) > 1:
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in arrays.items() if v.ndim)
+        raise BadInput(spec, f"arrays have different numbers of samples along axis 0 ({sizes}"
+                       f"{'' if labels is None else f', labels {len(labels)}'})",
+                       "store samples of different shapes as sample0000/<input>, sample0001/<input>, ...")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.dtype.kind not in "iu":
@@ -283,11 +470,8 @@ def _from_callable(spec: str, model: onnx.ModelProto | None) -> Dataset:
         if not batches or not all(isinstance(b, Mapping) for b in batches):
             raise BadInput(spec, "returned an iterable that is empty or not of feed dicts "
                            "({input name: array})")
-        keys = set(batches[0])
-        if any(set(b) != keys for b in batches):
-            raise BadInput(spec, "returned feed dicts with different keys")
-        return _from_arrays(spec, {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in keys},
-                            model, spec)
+        return _from_samples(spec, [{k: np.asarray(v) for k, v in b.items()} for b in batches], model,
+                             f"{spec} ({len(batches)} feeds)")
     raise BadInput(spec, f"returned a {type(got).__name__}; return a Dataset, a dict of arrays, "
                    "(inputs, labels) or an iterable of feed dicts")
 

@@ -16,17 +16,21 @@ import onnx
 
 from .artifact import model_bytes
 from .errors import BadInput, GateFailed
-from .evaluate import agreement, cosine_rows, predict, top1
+from .evaluate import Outputs, compare, predict_all, top1
 from .feeds import Dataset
 from .options import fields_of, option
 
-__all__ = ["Gates", "EVAL_SAMPLES", "gate_data", "measure", "parse_max_drop", "allowed_drop", "gate_failed"]
+__all__ = ["Gates", "EVAL_SAMPLES", "DEFAULT_CHANNEL_ERROR", "gate_data", "measure", "parse_max_drop", "allowed_drop", "gate_failed"]
 
 # The one sample policy: gates (and the accuracy in a verification) read the first EVAL_SAMPLES
 # samples of the evaluation data (digits' whole 450-sample test split).
 EVAL_SAMPLES = 512
 # Accuracy drops are rounded to 4 decimals of a point; the slack keeps "exactly at the limit" passing.
 _SLACK = 1e-9
+# The per-channel tolerance a variant-making job holds by default: each output channel's error may
+# reach a quarter of that channel's range (INT8 noise is a few percent; class scores quantized on
+# the scale of box coordinates beside them err by more than their whole range).
+DEFAULT_CHANNEL_ERROR = 0.25
 
 
 def parse_max_drop(value) -> tuple[float, str] | None:
@@ -70,13 +74,17 @@ class Gates:
     min_cosine: float | None = option(
         None, "Gate without labels: mean cosine similarity of the outputs with the reference's, e.g. 0.99.",
         type=float)
+    max_channel_error: float | None = option(
+        None, "Gate: the worst output channel's error (99.9th percentile) relative to that channel's range in "
+        f"the reference [default: {DEFAULT_CHANNEL_ERROR} for quantize, prune, simplify and apply without --max-drop].",
+        type=float)
     min_speedup: float | None = option(None, "Gate: speed-up vs the reference at the first batch size.", type=float)
     max_size_mb: float | None = option(None, "Gate: size on disk in MB.", type=float)
     max_p90_ms: float | None = option(None, "Gate: p90 latency at the first batch size.", type=float)
 
     def __post_init__(self):
         object.__setattr__(self, "_drop", parse_max_drop(self.max_drop))  # parsed once, here
-        for name in ("min_agreement", "min_cosine", "min_speedup", "max_size_mb", "max_p90_ms"):
+        for name in ("min_agreement", "min_cosine", "max_channel_error", "min_speedup", "max_size_mb", "max_p90_ms"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or v < 0 or not np.isfinite(v)):
                 raise BadInput(f"gates.{name}", f"must be a number >= 0, got {v!r}")
@@ -93,6 +101,14 @@ class Gates:
     def from_options(cls, options: dict) -> "Gates":
         """The gates among a command's keyword options (the others are left alone)."""
         return cls(**{k: options[k] for k in fields_of(cls) if options.get(k) is not None})
+
+    def for_variant(self) -> "Gates":
+        """These gates as a variant-making job (quantize, prune, simplify, apply, a recipe's steps)
+        holds them: without an accuracy gate on labels (the task's own judge), the per-channel
+        tolerance defaults to :data:`DEFAULT_CHANNEL_ERROR`."""
+        if self.max_channel_error is not None or self.max_drop is not None:
+            return self
+        return dataclasses.replace(self, max_channel_error=DEFAULT_CHANNEL_ERROR)
 
     def active(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -121,6 +137,10 @@ class Gates:
         if self.min_cosine is not None:
             out.append({"gate": "min_cosine", "limit": self.min_cosine, "value": round(q["cosine_mean"], 6),
                         "passed": q["cosine_mean"] >= self.min_cosine})
+        if self.max_channel_error is not None and "channel_err" in q:
+            out.append({"gate": "max_channel_error", "limit": self.max_channel_error,
+                        "value": round(q["channel_err"], 6), "at": q["channel_err_at"],
+                        "passed": q["channel_err"] <= self.max_channel_error})
         if self.max_size_mb is not None:
             mb = q["bytes"] / 1e6
             out.append({"gate": "max_size_mb", "limit": self.max_size_mb, "value": round(mb, 4),
@@ -144,29 +164,33 @@ def gate_data(ds: Dataset | None) -> Dataset | None:
     return None if ds is None else ds.head(EVAL_SAMPLES)
 
 
-def measure(ref_out: np.ndarray | None, proto: onnx.ModelProto, ds: Dataset | None, where: str,
-            classification: bool | None = None, produced: bool = True, out: np.ndarray | None = None) -> dict:
+def measure(ref_out: Outputs | None, proto: onnx.ModelProto, ds: Dataset | None, where: str,
+            classification: bool | None = None, produced: bool = True, out: Outputs | None = None) -> dict:
     """What gates judge: size, and with data (already :func:`gate_data`): agreement with the
-    reference's outputs ``ref_out`` (top-1 for classifiers, else min cosine; ``classification``
-    None = guessed from the output shape), mean cosine, and accuracy with labels
-    (``accuracy``, ``reference_accuracy``, ``drop_points``). ``produced``: ``proto`` is a file
-    onnxopt wrote (ONNX Runtime failing on it is onnxopt's bug, exit 1). ``out``: its outputs on
-    ``ds`` when already computed."""
+    reference's outputs ``ref_out`` (:func:`onnxopt.evaluate.predict_all`; top-1 for classifiers,
+    else min cosine; ``classification`` None = guessed from the output shape), mean cosine and the
+    worst channel's error relative to its range (:func:`onnxopt.evaluate.compare`, every output),
+    and accuracy with labels (``accuracy``, ``reference_accuracy``, ``drop_points``).
+    ``produced``: ``proto`` is a file onnxopt wrote (ONNX Runtime failing on it is onnxopt's bug,
+    exit 1). ``out``: its outputs on ``ds`` when already computed."""
     q: dict = {"bytes": len(model_bytes(proto))}
     if ds is None:
         return q
     if out is None:
-        out = predict(proto, ds, where=where, produced=produced)
-    ag = agreement(ref_out, out, classification)
-    if not ag.get("shape_ok", True):
+        out = predict_all(proto, ds, where=where, produced=produced)
+    c = compare(ref_out, out, classification)
+    if not c["shape_ok"]:
         q["agreement"] = 0.0
         return q
-    q["agreement"] = ag.get("top1_agreement", ag["cosine_min"])
-    q["agreement_kind"] = "top-1 agreement" if "top1_agreement" in ag else "min cosine"
-    q["cosine_min"] = ag["cosine_min"]
-    q["cosine_mean"] = float(np.mean(cosine_rows(ref_out, out)))
-    if ds.labels is not None and out.ndim == 2:
-        acc_r, acc = top1(ref_out, ds.labels), top1(out, ds.labels)
+    q["agreement"] = c.get("top1_agreement", c["cosine_min"])
+    q["agreement_kind"] = "top-1 agreement" if "top1_agreement" in c else "min cosine"
+    q["cosine_min"] = c["cosine_min"]
+    q["cosine_mean"] = c["cosine_mean"]
+    if "channel_err" in c:
+        q["channel_err"], q["channel_err_at"] = c["channel_err"], c["channel_err_at"]
+    r0, o0 = ref_out.first(), out.first()
+    if ds.labels is not None and r0 is not None and o0 is not None and o0.ndim == 2:
+        acc_r, acc = top1(r0, ds.labels), top1(o0, ds.labels)
         q.update(accuracy=acc, reference_accuracy=acc_r, drop_points=round(100 * (acc_r - acc), 4),
                  samples=len(ds))
     return q
@@ -181,6 +205,9 @@ def gate_failed(where: str, checks: list[dict], hint: str, report: dict | None =
     c = bad[0]
     if c["gate"] == "max_drop":
         what = f"accuracy dropped {c['value']:.2f} points, more than --max-drop ({c['limit']:.2f} points)"
+    elif c["gate"] == "max_channel_error":
+        what = (f"{c['at']} errs by {c['value']:.3g} of its range, more than --max-channel-error "
+                f"({c['limit']:g})")
     else:
         what = f"{c['gate']} {c['value']} vs the limit {c['limit']}"
     return GateFailed(where, what, hint, report=report)

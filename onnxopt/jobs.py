@@ -8,6 +8,7 @@ The steps themselves run through :func:`onnxopt.runner.run_steps`; a job only de
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,14 +16,14 @@ import onnx
 
 from .artifact import lineage, save_model
 from .errors import BadInput, InternalError, VerificationFailed
-from .evaluate import agreement, predict
+from .evaluate import Outputs, compare, predict_all
 from .feeds import Dataset, load_dataset, random_feeds
 from .gates import Gates, gate_data, gate_failed, measure
 from .options import option
 from .runtime import make_session, run
 
 __all__ = ["DataOptions", "calibration_data", "eval_data", "sidecar_dataset", "verify_variant", "judge",
-           "write_variant", "job_gates"]
+           "write_variant", "job_gates", "rejected_path"]
 
 PREPROCESS = ("imagenet", "unit", "raw")
 
@@ -41,7 +42,7 @@ class DataOptions:
 def job_gates(options: dict) -> Gates:
     """The gates a variant-making job can judge on its own (quality and size); the speed gates
     need the side-by-side timing of ``optimize`` or a recipe."""
-    gates = Gates.from_options(options)
+    gates = Gates.from_options(options).for_variant()
     for name in ("min_speedup", "max_p90_ms"):
         if getattr(gates, name) is not None:
             raise BadInput("--" + name.replace("_", "-"), "is judged by the side-by-side timing of a search or recipe",
@@ -81,17 +82,42 @@ def eval_data(data, proto: onnx.ModelProto, sidecar: dict | None, preprocess: st
     return load_dataset(data, proto, preprocess=preprocess)
 
 
-def _random_cases(ref: onnx.ModelProto, s_ref, s_new, label: str, classification) -> list[dict]:
-    cases = []
-    for batch in (1, 4):
-        feeds = random_feeds(ref, batch=batch, seq=32, seed=batch, padded=True)
-        r, o = run(s_ref, feeds)[0], run(s_new, feeds, f"{label} model", produced=True)[0]
-        m = agreement(r, o, classification)
-        cases.append({"case": f"random batch {batch}", **m})
-        if not m["shape_ok"] or not np.isfinite(o).all():
-            raise VerificationFailed(f"{label} model", f"random batch {batch}: output has the wrong shape "
-                                     "or non-finite values")
-    return cases
+# The two random shapes a variant is verified at: (batch, sequence length, image side). The second
+# moves every open dim (an odd length, a larger image), so a rewrite that froze a dynamic dim fails.
+RANDOM_SHAPES = ((1, 32, 64), (4, 17, 96))
+
+
+def _random_cases(ref: onnx.ModelProto, s_ref, s_new, label: str, classification) -> tuple[list[dict], str | None]:
+    """Compare on random inputs at :data:`RANDOM_SHAPES`. Returns (cases, why not): random inputs
+    that the reference itself cannot run (a value that matters, a shape rule the declared dims do
+    not tell) are not a verdict on the variant, only a reason to need real data."""
+    cases, seen = [], set()
+    for batch, seq, side in RANDOM_SHAPES:
+        try:
+            feeds = random_feeds(ref, batch=batch, seq=seq, seed=batch, padded=True, side=side)
+        except BadInput as e:
+            if batch == 1 or not cases:
+                return cases, e.problem
+            feeds = random_feeds(ref, batch=1, seq=seq, seed=batch, padded=True, side=side)
+        key = tuple((k, v.shape) for k, v in sorted(feeds.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        shape = " ".join(f"{k} {'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds.items())
+        try:
+            r = Outputs([o.name for o in s_ref.get_outputs()], [run(s_ref, feeds)])
+        except BadInput as e:
+            if not cases:
+                return cases, f"the input model itself fails on random inputs ({shape}): {e.problem}"
+            continue
+        o = Outputs(r.names, [run(s_new, feeds, f"{label} model", produced=True)])
+        m = compare(r, o, classification)
+        case = f"random {shape}"
+        cases.append({"case": case, **m})
+        if not m["shape_ok"] or not all(np.isfinite(a).all() for a in o.batches[0] if a.dtype.kind == "f"):
+            raise VerificationFailed(f"{label} model", f"{case}: output {m.get('bad_output', '')} has the wrong "
+                                     "shape or non-finite values")
+    return cases, None
 
 
 def _has_fp16(proto: onnx.ModelProto) -> bool:
@@ -99,14 +125,16 @@ def _has_fp16(proto: onnx.ModelProto) -> bool:
 
 
 def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | None, provider: str,
-                   label: str = "quantized", task: str | None = None, ref_out: np.ndarray | None = None) -> dict:
-    """Agreement of ``new`` with ``ref`` on random inputs (batch 1, and 4 with right-padded masks)
-    and on the gate samples of real data (:func:`onnxopt.gates.gate_data`); accuracy of both when
-    the data is labelled, measured by :func:`onnxopt.gates.measure` -- the numbers a gate judges
-    (``res["quality"]``). ``task`` (from the input's sidecar) decides whether top-1 agreement means
-    anything: not for embeddings; unknown = a guess from the output shape. Raises
-    VerificationFailed on wrong shapes or NaN/Inf. ``ref_out``: the reference's outputs on the gate
-    samples when the caller already has them."""
+                   label: str = "quantized", task: str | None = None, ref_out: Outputs | None = None) -> dict:
+    """Compare ``new`` with ``ref``, every output, channel by channel
+    (:func:`onnxopt.evaluate.compare`): on random inputs at two shapes (:data:`RANDOM_SHAPES`,
+    right-padded masks) where the graph's shape rules allow them, and on the gate samples of real
+    data (:func:`onnxopt.gates.gate_data`), accuracy of both when it is labelled -- the numbers a
+    gate judges (``res["quality"]``). Without data, a model random inputs cannot run is refused
+    (BadInput, with the reason). ``task`` (from the input's sidecar) decides whether top-1
+    agreement means anything: not for embeddings; unknown = a guess from the output shape.
+    Raises VerificationFailed on wrong shapes or NaN/Inf. ``ref_out``: the reference's outputs
+    on the gate samples when the caller already has them."""
     classification = None if task is None else task == "classification"
     res: dict = {"provider": provider, "cases": []}
     s_ref = make_session(ref, provider)
@@ -118,14 +146,24 @@ def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | Non
         if provider == "cpu" and _has_fp16(new):
             return {"verified": False, "reason": f"cannot run on the CPU provider here: {e.problem}"}
         raise
-    res["cases"] += _random_cases(ref, s_ref, s_new, label, classification)
+    cases, why_not = _random_cases(ref, s_ref, s_new, label, classification)
+    res["cases"] += cases
+    if why_not is not None:
+        if ds is None:
+            raise BadInput("model", f"cannot verify without real inputs: {why_not}",
+                           "pass --data (an .npz of recorded feeds: see onnxopt.record)")
+        res["random_skipped"] = why_not
     ds = gate_data(ds)
     if ds is not None:
         if ref_out is None:
-            ref_out = predict(ref, ds, where="reference")
-        out = predict(new, ds, where=f"{label} model", produced=True)
+            ref_out = predict_all(ref, ds, where="reference")
+        out = predict_all(new, ds, where=f"{label} model", produced=True)
         q = measure(ref_out, new, ds, f"{label} model", classification, out=out)
-        res["cases"].append({"case": ds.name, "samples": len(ds), **agreement(ref_out, out, classification)})
+        c = compare(ref_out, out, classification)
+        res["cases"].append({"case": ds.name, "samples": len(ds), **c})
+        if not c["shape_ok"]:
+            raise VerificationFailed(f"{label} model", f"on {ds.name}: output {c.get('bad_output', '')} has a "
+                                     "different shape from the input model's")
         res["quality"] = q
         if "drop_points" in q:
             res["accuracy"] = {"dataset": ds.name, "samples": len(ds), "reference": q["reference_accuracy"],
@@ -152,7 +190,8 @@ def write_variant(proto: onnx.ModelProto, output, model_path, step: dict, verifi
                   hint: str, extra: dict | None = None) -> dict:
     """Judge the variant with ``gates``, write it and its sidecar (lineage + ``step``, the
     verification, the gate checks, ``extra``), then raise GateFailed (exit 3) when a gate did not
-    hold -- the model and its sidecar are written either way, so the user can look."""
+    hold -- the model and its sidecar are then written to :func:`rejected_path`, so the user can
+    look and nothing takes them for the result."""
     from .artifact import model_bytes
 
     checks = judge(gates, verification, len(model_bytes(proto)))
@@ -164,9 +203,18 @@ def write_variant(proto: onnx.ModelProto, output, model_path, step: dict, verifi
         record = gate_record(gates, checks)
         if record is not None:
             meta["gate"] = record
-    sidecar = save_model(proto, output, meta)
-    err = gate_failed(str(output), checks, hint, report=sidecar)
+    failed = any(not c["passed"] for c in checks)
+    where = rejected_path(output) if failed else output
+    sidecar = save_model(proto, where, meta)
+    err = gate_failed(str(where), checks, hint, report=sidecar)
     if err is not None:
         raise err
     return sidecar
+
+
+def rejected_path(output) -> Path:
+    """Where a variant that failed a gate is written (``m.onnx`` -> ``m.rejected.onnx``): kept for
+    the user to look at, under a name no pipeline takes for the result."""
+    p = Path(output)
+    return p.with_name(f"{p.stem}.rejected{p.suffix or '.onnx'}")
 

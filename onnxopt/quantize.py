@@ -26,7 +26,7 @@ from ._version import __version__
 from .artifact import load_model, read_sidecar
 from .bench import speed_ratio
 from .errors import BadInput, GateFailed
-from .evaluate import predict
+from .evaluate import predict_all
 from .feeds import Dataset, random_feeds
 from .gates import Gates, gate_data, measure
 from .jobs import DataOptions, calibration_data, eval_data, job_gates, verify_variant, write_variant
@@ -249,7 +249,7 @@ def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
     provider = "cuda" if plan.chosen == "fp16" and "cuda" in available_providers() else "cpu"
     fb_report, ref_out = None, None
     if gates.max_drop is not None and job.fallback and plan.chosen != "fp16" and provider == "cpu":
-        ref_out = predict(proto, gate_data(eval_ds), where="reference")  # read again by the verification
+        ref_out = predict_all(proto, gate_data(eval_ds), where="reference")  # read again by the verification
         qproto, fb_recs, fb_report = _maybe_fallback(base, qproto, plan, feeds, eval_ds, ref_out, gates, job, excluded)
         qrecs = fb_recs or qrecs
     return _write(model_path, output, proto, qproto, records + qrecs, plan, job, eval_ds, gates, provider,
@@ -277,8 +277,7 @@ def _write(model_path, output, proto, out_proto, records, plan: _Plan, job: Quan
         hint = (f"even with {len(fb_report['kept_float'])} node(s) left in float the gate does not hold; "
                 "try --method entropy, more --calibration-samples, or a larger --max-float-nodes")
     else:
-        hint = ("try --method entropy; the fallback (on by default) leaves the most sensitive nodes "
-                "in float" if not job.fallback else "fp16 has no fallback; block ops with --exclude")
+        hint = _hint(plan, job, gates)
     sidecar = write_variant(out_proto, output, model_path, {"step": "quantize", **decision, "passes": records},
                             verification, gates, hint, extra)
     if speed and not speed["passed"]:
@@ -286,6 +285,17 @@ def _write(model_path, output, proto, out_proto, records, plan: _Plan, job: Quan
                          "at batch 1)", "fewer nodes in float (--max-float-nodes) or a looser --max-drop",
                          report=sidecar)
     return sidecar
+
+
+def _hint(plan: _Plan, job: QuantizeSettings, gates: Gates) -> str:
+    if plan.chosen == "fp16":
+        return "fp16 has no fallback; block ops with --exclude"
+    if not job.fallback:
+        return "try --method entropy, or drop --no-fallback: it leaves the most sensitive nodes in float"
+    if gates.max_drop is None:
+        return ("leave nodes in float with --exclude, try --method entropy, or give labelled data and "
+                "--max-drop: the fallback then finds the nodes to leave in float")
+    return "try --method entropy or more --calibration-samples"
 
 
 def _check_excluded(model: onnx.ModelProto, names: tuple[str, ...]) -> None:

@@ -139,7 +139,7 @@ def load_recipe(path: str | Path) -> dict:
         raise err("target", getattr(e, "problem", str(e))) from None
     return {"path": str(path), "model": str(raw["model"]), "data": raw.get("data"),
             "preprocess": raw.get("preprocess", "imagenet"), "steps": parsed_steps or None,
-            "search": steps is None, "gates": gate_obj, "settings": settings,
+            "search": steps is None, "gates": gate_obj if steps is None else gate_obj.for_variant(), "settings": settings,
             "out": raw.get("out"), "budget_s": raw.get("budget_s")}
 
 

@@ -115,11 +115,12 @@ def run_steps(model: onnx.ModelProto, steps, *, calibration: list[dict] | None =
     name CLI flags). With ``cache``, a step whose input bytes, pass,
     settings and data were seen before is read back instead of run."""
     records = []
-    current = model
+    steps = [Step.of(item) for item in steps]
+    passes = [make_pass(s.name, s.settings, calibration, where=None if where is None else f"{where}[{i}]")
+              for i, s in enumerate(steps)]
+    current, passes, front = _front_door(model, passes, calibration)
     data_key = None  # hashed the first time a step takes the data, not for every simplify
-    for i, item in enumerate(steps):
-        step = Step.of(item)
-        p = make_pass(step.name, step.settings, calibration, where=None if where is None else f"{where}[{i}]")
+    for i, (step, p) in enumerate(zip(steps, passes)):
         settings = p.settings()
         blob = model_bytes(current)
         uses_data = needs_calibration(p)
@@ -143,5 +144,44 @@ def run_steps(model: onnx.ModelProto, steps, *, calibration: list[dict] | None =
         rec["seconds"] = round(time.perf_counter() - t0, 3)
         rec["bytes_after"] = len(model_bytes(current))
         rec["nodes_before"], rec["nodes_after"] = rec["stats"].get("nodes_before"), rec["stats"].get("nodes_after")
+        if i == 0 and front["did"]:
+            rec["normalize"] = front
         records.append(rec)
     return current, records
+
+
+def _front_door(model: onnx.ModelProto, passes: list, calibration) -> tuple[onnx.ModelProto, list, dict]:
+    """:func:`onnxopt.normalize.normalize` before the first step, at the opset the passes need;
+    where that opset cannot be reached exactly, the passes that asked for it adapt
+    (``for_opset``) and the record says how."""
+    from .normalize import OpsetUnavailable, normalize
+
+    if not passes:
+        return model, passes, {"did": []}
+    want = max(p.min_opset() for p in passes)
+    sample = _sample(model, calibration)
+    try:
+        current, front = normalize(model, min_opset=want, sample=sample)
+    except OpsetUnavailable as e:
+        current, front = normalize(model, sample=sample)
+        adapted = []
+        for i, p in enumerate(passes):
+            if p.min_opset() > e.have:
+                passes[i], line = p.for_opset(e.have, e.reason)
+                adapted.append(line)
+        front["did"] += adapted
+    return current, passes, front
+
+
+def _sample(model: onnx.ModelProto, calibration) -> dict | None:
+    """One feed dict to check the front door's conversions on: the first calibration item, else
+    random inputs where the graph allows them."""
+    if calibration:
+        return dict(calibration[0])
+    from .feeds import random_feeds
+
+    try:
+        return random_feeds(model, batch=1, seq=16, seed=0)
+    except BadInput:
+        return None
+

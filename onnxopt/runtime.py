@@ -81,3 +81,25 @@ def run(session, feeds: dict[str, np.ndarray], where: str = "model", produced: b
     except Exception as e:
         err = _failed(where, False, e, produced)
         raise err from (e if produced else None)
+
+
+def cpu_int8_saturates() -> bool:
+    """Does this CPU's INT8 GEMM saturate on full-range U8S8 products? On x86 without VNNI
+    (AVX2 and plain AVX-512), ONNX Runtime's MLAS kernels add pairs of u8 x s8 products in 16 bits
+    (``vpmaddubsw``), which overflow for 8-bit weights; 7-bit weights (``reduce_range``) fit.
+    VNNI/AMX CPUs and ARM accumulate in 32 bits. Read from ``/proc/cpuinfo`` (Linux); elsewhere
+    assume a modern CPU."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    if not flags:
+        return False
+    have = set(flags.split(":", 1)[-1].split())
+    return not have & {"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"}
+

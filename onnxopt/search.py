@@ -28,7 +28,7 @@ from ._version import __version__
 from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model, write_json, write_text
 from .bench import BenchSettings, bench
 from .errors import BadInput, GateFailed
-from .evaluate import predict
+from .evaluate import predict_all
 from .gates import Gates, gate_data, measure
 from .jobs import calibration_data, eval_data
 from .options import fields_of
@@ -162,7 +162,7 @@ def _context(reference: Path, data, gates: Gates, out: Path, preprocess: str, ca
     gates.check_data(eval_ds)
     calib, calib_name = calibration_data(data, ref_proto, prev, eval_ds)
     ds = gate_data(eval_ds)
-    ref_out = predict(ref_proto, ds, where="reference") if ds is not None else None
+    ref_out = predict_all(ref_proto, ds, where="reference") if ds is not None else None
     cache_dir = out / ".cache" if cache else None
     if cache_dir:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -201,7 +201,8 @@ def test_quantize_fallback_and_gate_errors_from_the_shell(tmp_path):
                         bad, "--max-drop", "'lots'")
     res = run_cli("quantize", src, "-o", bad, "--data", tmp_path / "d.npz", "--max-drop", "1", "--no-fallback")
     assert res.returncode == 3 and "accuracy dropped" in res.stderr and "Traceback" not in res.stderr
-    assert bad.exists()  # a failed gate still writes the model and its report
+    # a failed gate still writes the model and its report, named so nothing takes it for the result
+    assert not bad.exists() and bad.with_name("bad.rejected.onnx").exists() and "bad.rejected.onnx" in res.stderr
 
 
 def test_prune_digits_from_the_shell(tmp_path):

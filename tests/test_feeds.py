@@ -68,7 +68,7 @@ def test_load_npz_dataset(tmp_path):
     ds = load_dataset(str(p), make_mlp(0))
     assert list(ds.inputs) == ["x"] and len(ds) == 5 and ds.labels.tolist() == [0, 1, 2, 3, 4]
     np.savez(p, x=np.zeros((5, 16), np.float32), labels=np.arange(4))
-    with pytest.raises(BadInput, match="different lengths"):
+    with pytest.raises(BadInput, match="different numbers of samples"):
         load_dataset(str(p), make_mlp(0))
     with pytest.raises(BadInput, match="unknown dataset"):
         load_dataset("imagenet")

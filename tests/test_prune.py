@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_embedding, make_mlp
-from onnxopt.errors import BadInput
+from onnxopt.errors import BadInput, GateFailed
 from onnxopt.passes.prune import PruneChannels, PruneMasks, channels_to_keep
 from onnxopt.runtime import make_session
 
@@ -717,7 +717,12 @@ def test_prune_job_channels_npz(tmp_path):
     onnx.save(proto, src)
     x = np.concatenate([f["x"] for f in feeds((64, 64))])
     np.savez(tmp_path / "d.npz", x=x, labels=run(proto, {"x": x})[0].argmax(1))
-    side = prune_job(src, tmp_path / "small.onnx", data=str(tmp_path / "d.npz"))
+    # Without an accuracy gate the per-channel tolerance judges: half of a random chain's channels
+    # gone moves its outputs by about half their range -- refused, and written as rejected.
+    with pytest.raises(GateFailed, match=r"y\[channel \d+\] errs by"):
+        prune_job(src, tmp_path / "small.onnx", data=str(tmp_path / "d.npz"))
+    assert (tmp_path / "small.rejected.onnx").exists() and not (tmp_path / "small.onnx").exists()
+    side = prune_job(src, tmp_path / "small.onnx", data=str(tmp_path / "d.npz"), max_drop=100)
     s = side["prune"]
     assert s["reconstruct"] and s["params_ratio"] < 0.4 and s["bytes_after"] < s["bytes_before"]
     acc = side["verification"]["accuracy"]

@@ -314,7 +314,7 @@ def test_quantize_job_gate_fails(tmp_path):
         quantize(src, tmp_path / "o.onnx", data=str(tmp_path / "d.npz"), max_drop=0.5, fallback=False)
     assert e.value.exit_code == 3
     assert e.value.report["gate"]["passed"] is False  # the model and its report are still written
-    assert (tmp_path / "o.onnx").exists()
+    assert (tmp_path / "o.rejected.onnx").exists() and not (tmp_path / "o.onnx").exists()
     with pytest.raises(BadInput, match="must be >= 0"):
         quantize(src, tmp_path / "o.onnx", data=str(tmp_path / "d.npz"), max_drop=-1)
 

@@ -195,11 +195,11 @@ def test_quality_of_an_embedding_uses_cosine_not_top1():
 
     from onnxopt.feeds import Dataset
     from onnxopt.gates import measure
-    from onnxopt.runtime import make_session
+    from onnxopt.evaluate import predict_all
 
     proto = make_mlp(0)
     ds = Dataset("x", {"x": np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)})
-    ref_out = make_session(proto).run(None, ds.inputs)[0]
+    ref_out = predict_all(proto, ds)
     assert measure(ref_out, proto, ds, "m")["agreement_kind"] == "top-1 agreement"  # guessed from shape
     q = measure(ref_out, proto, ds, "m", classification=False)
     assert q["agreement_kind"] == "min cosine" and q["agreement"] == pytest.approx(1.0)

@@ -199,7 +199,9 @@ def test_exit_3_for_a_gate_a_correct_program_can_fail(toy_pass, tmp_path):
     out = tmp_path / "big.onnx"
     res = _invoke("apply", "rename-graph", src, "-o", out, "--max-size-mb", "0.000001")
     assert res.exit_code == 3 and "max_size_mb" in res.output
-    assert out.exists()  # the variant and its sidecar are written, so the user can look
+    # the variant and its sidecar are written under a name no pipeline takes for the result
+    assert not out.exists() and (tmp_path / "big.rejected.onnx").exists()
+    assert "big.rejected.onnx" in res.output
     with pytest.raises(GateFailed) as e:
         from onnxopt import apply
 

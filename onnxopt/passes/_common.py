@@ -53,6 +53,17 @@ class OnnxoptPass(ir.passes.FunctionalPass):
         """The options as recorded in a sidecar (everything but the data)."""
         return settings_of(self)
 
+    def min_opset(self) -> int:
+        """The opset this pass's output needs; the runner's front door (:mod:`onnxopt.normalize`)
+        converts an older file first, checked numerically."""
+        return 0
+
+    def for_opset(self, have: int, reason: str) -> tuple["OnnxoptPass", str]:
+        """This pass made to work at opset ``have`` when the file cannot be converted (``reason``):
+        (the pass, a line saying what changed). By default it cannot."""
+        raise BadInput("model", f"is opset {have}; {type(self).__name__} needs opset {self.min_opset()} and the "
+                       f"file cannot be converted exactly: {reason}")
+
     def requires(self, model: ir.Model) -> None:
         if self.refuses_quantized:
             refuse_quantized(model, "model")

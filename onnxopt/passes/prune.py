@@ -413,9 +413,13 @@ def _prepare_feeds(calibration, model: ir.Model, samples: int) -> list[dict[str,
         check_feeds(proto, f, "calibration data")
         f = cast_feeds(proto, f)
         n = {len(v) for v in f.values() if v.ndim}
-        if len(n) > 1:
-            raise BadInput("calibration data", f"item {i}: inputs have different batch sizes {sorted(n)}")
-        n = n.pop() if n else 1
+        if len(n) != 1:  # scalars, or state whose axis 0 is not a batch: one sample, taken whole
+            out.append(f)
+            total += 1
+            if total >= samples:
+                break
+            continue
+        n = n.pop()
         if n == 0:
             continue
         take = min(n, samples - total)

@@ -79,13 +79,41 @@ FP16_BLOCK_LIST = ("Pow", "ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceL
 
 
 
+def _splittable(feeds: list[dict], model: onnx.ModelProto) -> bool:
+    """Can the feeds be cut into single samples along axis 0: every input has a rank, one axis-0
+    length per feed, and the same other dims in every feed, and the file's axis 0 is free or
+    fixed (a fixed batch)? Not for state inputs whose axis 0 is fixed while another input's is free."""
+    from ..feeds import _free, fixed_batch
+
+    free = {}
+    inits = {t.name for t in model.graph.initializer}
+    for v in model.graph.input:
+        if v.name in inits:
+            continue
+        dims = v.type.tensor_type.shape.dim
+        if not dims:
+            return False
+        d = dims[0]
+        free[v.name] = _free(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    if fixed_batch(model) is None and not all(free.get(k, False) for k in feeds[0]):
+        return False
+    for k in feeds[0]:
+        if any(np.ndim(f[k]) == 0 for f in feeds) or len({np.shape(f[k])[1:] for f in feeds}) != 1:
+            return False
+    return all(len({len(v) for v in f.values()}) == 1 for f in feeds)
+
+
 class CalibrationFeeds:
     """An ORT ``CalibrationDataReader`` over in-memory feed dicts, one sample per ``get_next``.
 
-    ``feeds``: feed dicts ``{input name: array with batch first}`` of any (uneven) batch sizes.
-    At most ``samples`` samples are used (the first ones, deterministic). Models with a fixed
-    batch dim get batches of that size; a remainder smaller than it is dropped (and counted in
-    ``dropped``). Supports ``len`` and ``set_range`` for ORT's strided calibration.
+    ``feeds``: feed dicts ``{input name: array}``. Where every feed has the samples along a free
+    axis 0 and the same other dims, they are split into single samples (models with a fixed
+    batch dim get batches of that size; a remainder smaller than it is dropped and counted in
+    ``dropped``). Otherwise -- images of different sizes, sequences of different lengths,
+    recurrent state whose axis 0 is not a batch, scalar inputs -- each feed is one calibration
+    run, as given (ORT's calibrators take one feed at a time). At most ``samples`` samples are
+    used (the first ones, deterministic). Supports ``len`` and ``set_range`` for ORT's strided
+    calibration.
     """
 
     def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]], model: onnx.ModelProto, *,
@@ -94,27 +122,26 @@ class CalibrationFeeds:
         if not feeds:
             raise BadInput(where, "is empty", "give at least one calibration sample")
         inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-        fixed = None
         first = model.graph.input[0].type.tensor_type.shape.dim if model.graph.input else []
-        if first and first[0].HasField("dim_value") and first[0].dim_value > 1:
-            fixed = first[0].dim_value
-        chunks: dict[str, list[np.ndarray]] = {n: [] for n in inputs}
-        total = 0
+        fixed = first[0].dim_value if first and first[0].HasField("dim_value") and first[0].dim_value > 1 else None
+        checked = []
         for i, f in enumerate(feeds):
             if not isinstance(f, Mapping):
                 raise BadInput(where, f"item {i} is a {type(f).__name__}, not a dict of input name -> array")
             f = {k: np.asarray(v) for k, v in f.items()}
-            check_feeds(model, f, where)
-            f = cast_feeds(model, f)
-            n = {len(v) for v in f.values()}
-            if len(n) != 1:
-                raise BadInput(where, f"item {i}: inputs have different batch sizes {sorted(n)}")
-            for k in inputs:
-                chunks[k].append(f[k])
-            total += n.pop()
+            check_feeds(model, f, f"{where}, item {i}")
+            checked.append({k: v for k, v in cast_feeds(model, f).items() if k in inputs})
+        self.items: list[dict] | None = None
+        if not _splittable(checked, model):
+            self.items = checked[: None if samples is None else int(samples)]
+            self.step, self.count, self.samples = 1, len(self.items), len(self.items)
+            self.dropped = 0
+            self._start, self._end, self._pos = 0, self.count, 0
+            return
+        total = sum(len(next(iter(f.values()))) for f in checked)
         if total == 0:
             raise BadInput(where, "is empty (every batch has 0 samples)", "give at least one calibration sample")
-        self.arrays = {k: np.concatenate(v) for k, v in chunks.items()}
+        self.arrays = {k: np.concatenate([f[k] for f in checked]) for k in inputs}
         step = fixed or 1
         n = total if samples is None else min(total, int(samples))
         n -= n % step
@@ -135,8 +162,10 @@ class CalibrationFeeds:
     def get_next(self) -> dict | None:
         if self._pos >= self._end:
             return None
-        a = self._pos * self.step
         self._pos += 1
+        if self.items is not None:
+            return self.items[self._pos - 1]
+        a = (self._pos - 1) * self.step
         return {k: v[a:a + self.step] for k, v in self.arrays.items()}
 
     def rewind(self) -> None:
@@ -201,8 +230,29 @@ class QuantPreprocess(OnnxoptPass):
             "nodes_before": sum(before.values()), "nodes_after": sum(after.values())})
 
 
+class _PerChannelOpset:
+    """Per-channel weight scales need ``DequantizeLinear``'s ``axis`` (opset 13); an older file
+    is converted first, or, when that is not exact, quantized with per-tensor scales."""
+
+    def min_opset(self) -> int:
+        return 13 if self.per_channel else 0
+
+    def for_opset(self, have: int, reason: str):
+        return (dataclasses.replace(self, per_channel=False),
+                f"opset {have} kept ({reason}): per-tensor weight scales instead of per-channel")
+
+
+def _resolve_reduce_range(p) -> None:
+    """``reduce_range=None`` becomes this CPU's answer, so the settings (and the cache key) say
+    what was really used."""
+    if p.reduce_range is None:
+        from ..runtime import cpu_int8_saturates
+
+        object.__setattr__(p, "reduce_range", cpu_int8_saturates())
+
+
 @dataclasses.dataclass(frozen=True)
-class QuantizeStatic(OnnxoptPass):
+class QuantizeStatic(_PerChannelOpset, OnnxoptPass):
     """Static (calibrated) INT8 quantization with ``onnxruntime.quantization.quantize_static``.
 
     Options (defaults = the measured x86-CPU expert choice):
@@ -210,12 +260,17 @@ class QuantizeStatic(OnnxoptPass):
     * ``calibration``: feed dicts (any batch sizes) or an ORT ``CalibrationDataReader``. Required.
     * ``method``: minmax | entropy | percentile.
     * ``per_channel`` (True), ``format``: qdq | qoperator, ``activation_type``: uint8 | int8,
-      ``weight_type``: int8 | uint8, ``symmetric_activations`` (False), ``reduce_range`` (False: the
-      7-bit fallback only matters for U8S8 on CPUs without VNNI).
+      ``weight_type``: int8 | uint8, ``symmetric_activations`` (False), ``reduce_range`` (None =
+      on exactly where this CPU's U8S8 kernels saturate: x86 without VNNI; see
+      :func:`onnxopt.runtime.cpu_int8_saturates`).
     * ``calibration_samples`` (128): at most this many samples are used.
     * ``calibration_stride`` (16): samples per calibration chunk held in memory at once.
     * ``preprocess`` (True): run ``quant_pre_process`` first.
     * ``nodes_to_exclude``: node names kept in float (the accuracy-aware fallback sets this).
+    * ``float_mixed_tails`` (True): outputs that concatenate different value ranges (YOLO-style box
+      coordinates beside class probabilities, :func:`onnxopt.traits.mixed_range_tails`) keep the
+      nodes after their last Conv/MatMul in float -- one INT8 scale for 0..640 and 0..1 wipes out
+      the scores (``stats["calibration"]["float_tails"]`` says which).
     * ``op_types``: op types to quantize (empty: every op ORT can quantize).
     """
 
@@ -227,14 +282,19 @@ class QuantizeStatic(OnnxoptPass):
     activation_type: str = option("uint8", "Activation type.", choices=QTYPES)
     weight_type: str = option("int8", "Weight type.", choices=QTYPES)
     symmetric_activations: bool = option(False, "Symmetric activation ranges.", cli=False)
-    reduce_range: bool = option(False, "7-bit weights (only for U8S8 on CPUs without VNNI).", cli=False)
+    reduce_range: bool | None = option(None, "7-bit weights [default: on for x86 CPUs without VNNI, whose U8S8 "
+                                       "kernels saturate].", cli=False)
     calibration_samples: int = option(128, "At most this many calibration samples are used.")
     calibration_stride: int = option(16, "Calibration samples held in memory at once.", cli=False)
     preprocess: bool = option(True, "Run quant_pre_process first.", cli=False)
     nodes_to_exclude: tuple[str, ...] = option((), "Node name to leave in float (repeatable).", flag="--exclude")
+    float_mixed_tails: bool = option(True, "Leave in float the nodes after the last Conv/MatMul of an output that "
+                                     "concatenates different value ranges (YOLO boxes + class scores).",
+                                     off_flag="--quantize-mixed-tails")
     op_types: tuple[str, ...] = option((), "Op types to quantize [default: every op ORT can].", cli=False)
 
     def __post_init__(self):
+        _resolve_reduce_range(self)
         check_choice(self.method, METHODS, "--method")
         check_choice(self.format, FORMATS, "--format")
         check_choice(self.activation_type, QTYPES, "--activation-type")
@@ -282,6 +342,14 @@ class QuantizeStatic(OnnxoptPass):
             pre = work / "pre.onnx"
             how = _preprocess(src, pre)
             src = pre
+        exclude = list(self.nodes_to_exclude)
+        if self.float_mixed_tails:
+            from ._ranges import mixed_range_tails
+
+            tails = mixed_range_tails(onnx.load(str(src), load_external_data=False))
+            if tails:
+                calib["float_tails"] = tails
+                exclude += [n for names in tails.values() for n in names if n not in exclude]
         extra: dict = {"ActivationSymmetric": self.symmetric_activations, "WeightSymmetric": True}
         if "stride" in calib:
             extra["CalibStridedMinMax"] = calib["stride"]
@@ -294,7 +362,7 @@ class QuantizeStatic(OnnxoptPass):
                     op_types_to_quantize=list(self.op_types) or None,
                     per_channel=self.per_channel, reduce_range=self.reduce_range,
                     activation_type=qt[self.activation_type], weight_type=qt[self.weight_type],
-                    nodes_to_exclude=list(self.nodes_to_exclude) or None,
+                    nodes_to_exclude=exclude or None,
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                       "percentile": CalibrationMethod.Percentile}[self.method],
                     extra_options=extra,
@@ -306,7 +374,7 @@ class QuantizeStatic(OnnxoptPass):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantizeDynamic(OnnxoptPass):
+class QuantizeDynamic(_PerChannelOpset, OnnxoptPass):
     """Dynamic INT8 quantization (weights int8 offline, activations quantized at run time).
 
     Options: ``per_channel`` (True), ``weight_type`` (int8), ``op_types`` (MatMul, Attention --
@@ -320,9 +388,11 @@ class QuantizeDynamic(OnnxoptPass):
     op_types: tuple[str, ...] = option(("MatMul", "Attention"), "Op types to quantize (repeatable).",
                                        flag="--op-type")
     nodes_to_exclude: tuple[str, ...] = option((), "Node name to leave in float (repeatable).", flag="--exclude")
-    reduce_range: bool = option(False, "7-bit weights (only for CPUs without VNNI).", cli=False)
+    reduce_range: bool | None = option(None, "7-bit weights [default: on for x86 CPUs without VNNI, whose U8S8 "
+                                       "kernels saturate].", cli=False)
 
     def __post_init__(self):
+        _resolve_reduce_range(self)
         check_choice(self.weight_type, QTYPES, "--weight-type")
         object.__setattr__(self, "op_types", tuple(self.op_types))
         object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))

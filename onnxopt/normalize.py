@@ -1,0 +1,204 @@
+"""The normalising front door: what a file from paddle2onnx, tf2onnx, Ultralytics or an old torch
+export needs before any pass runs on it. :func:`onnxopt.runner.run_steps` calls :func:`normalize`
+first, so every pass, job, recipe and search sees the same normal form, and the step record says
+what was done:
+
+* **node names**: unnamed nodes get unique names (ORT's quantizer excludes nodes by name);
+* **open dims**: a dim stored as ``-1`` or ``0`` on a graph input or output (Paddle writes them)
+  becomes a named dim, which shape inference and ORT's quantizer understand;
+* **Constant weights**: ``Constant`` nodes holding tensors (tf2onnx, paddle2onnx) become
+  initializers, in subgraphs too (onnx-ir's ``LiftConstantsToInitializersPass``), because ORT's
+  quantizers and the pruner read weights from initializers only;
+* **declared output shapes that lie**: with a sample to run, an output that returns another rank
+  or other fixed dims than the file declares gets its declared shape cleared;
+* **opset**: converted (``onnx.version_converter``) when a pass needs a newer one (per-channel
+  INT8 needs ``DequantizeLinear``'s ``axis``, opset 13), and checked numerically against the
+  original on the sample; a conversion that changes outputs is not used (:class:`OpsetUnavailable`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .errors import first_line
+
+__all__ = ["normalize", "OpsetUnavailable", "main_opset"]
+
+
+class OpsetUnavailable(Exception):
+    """The file cannot be brought to the opset a pass needs exactly; ``reason`` says why."""
+
+    def __init__(self, have: int, want: int, reason: str):
+        super().__init__(reason)
+        self.have, self.want, self.reason = have, want, reason
+
+
+def main_opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _open_dims(proto: onnx.ModelProto) -> int:
+    """Name every dim stored as a non-positive value on the graph's inputs and outputs."""
+    count = 0
+    for kind, values in (("in", proto.graph.input), ("out", proto.graph.output)):
+        for v in values:
+            if not v.type.HasField("tensor_type") or not v.type.tensor_type.HasField("shape"):
+                continue
+            for axis, d in enumerate(v.type.tensor_type.shape.dim):
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    d.Clear()
+                    d.dim_param = f"{v.name}_{kind}_dim{axis}"
+                    count += 1
+    return count
+
+
+def _constant_weights(proto: onnx.ModelProto) -> int:
+    """Count the tensor-valued Constant nodes (weights as a converter writes them), subgraphs too."""
+
+    def walk(graph: onnx.GraphProto) -> int:
+        n = 0
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and \
+                    any(a.name == "value" and a.t.dims and np.prod(a.t.dims) >= 16 for a in node.attribute):
+                n += 1
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    n += walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    n += sum(walk(g) for g in a.graphs)
+        return n
+
+    return walk(proto.graph)
+
+
+def _lift_constants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    count = _constant_weights(proto)
+    if not count:
+        return proto, 0
+    import onnx_ir as ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    model = ir.serde.deserialize_model(proto)
+    LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+    return ir.serde.serialize_model(model), count - _constant_weights(ir.serde.serialize_model(model))
+
+
+def _name_nodes(proto: onnx.ModelProto) -> int:
+    """Give every unnamed node a unique name (``Op_N``): ORT's quantizer excludes nodes by name.
+    Hand-written: onnx-ir's NameFixPass also renames values, which would change the file's
+    interface names seen by the user."""
+    taken, count = set(), 0
+
+    def graphs(g):
+        yield g
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from graphs(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        yield from graphs(sub)
+
+    all_graphs = list(graphs(proto.graph))
+    for g in all_graphs:
+        taken.update(n.name for n in g.node if n.name)
+    for g in all_graphs:
+        for i, n in enumerate(g.node):
+            if not n.name:
+                name, k = f"{n.op_type}_{i}", 0
+                while name in taken:
+                    k += 1
+                    name = f"{n.op_type}_{i}_{k}"
+                n.name = name
+                taken.add(name)
+                count += 1
+    return count
+
+
+def _run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | None:
+    from .feeds import cast_feeds
+    from .runtime import ort
+
+    try:
+        sess = ort().InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, cast_feeds(proto, feeds))
+    except Exception:  # the sample does not run: nothing to learn from it here
+        return None
+
+
+def _fix_output_shapes(proto: onnx.ModelProto, outs: list[np.ndarray]) -> list[str]:
+    fixed = []
+    for v, a in zip(proto.graph.output, outs):
+        t = v.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = t.shape.dim
+        wrong = len(dims) != a.ndim or any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, a.shape))
+        if wrong:
+            t.ClearField("shape")
+            fixed.append(f"{v.name} (declared {'x'.join(d.dim_param or str(d.dim_value) for d in dims) or 'scalar'}, "
+                         f"returns {'x'.join(map(str, a.shape)) or 'scalar'})")
+    return fixed
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> str | None:
+    """Why two output lists differ beyond float noise (None when they agree)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.shape != y.shape:
+            return f"output {i} changes shape {x.shape} -> {y.shape}"
+        if x.dtype.kind in "fc":
+            scale = max(float(np.abs(x).max()) if x.size else 0.0, 1e-6)
+            err = float(np.abs(x.astype(np.float64) - y).max()) if x.size else 0.0
+            if not np.isfinite(err) or err > 1e-4 * scale:
+                return f"output {i} changes by {err:.3g} (max |value| {scale:.3g})"
+        elif not np.array_equal(x, y):
+            return f"output {i} changes"
+    return None
+
+
+def _convert(proto: onnx.ModelProto, want: int, feeds: dict | None, ref_outs) -> onnx.ModelProto:
+    have = main_opset(proto)
+    try:
+        new = onnx.version_converter.convert_version(proto, want)
+        onnx.checker.check_model(new)
+    except Exception as e:  # the converter raises many types; any failure means "not available"
+        raise OpsetUnavailable(have, want, f"onnx's version converter fails: {first_line(e, 120)}") from None
+    if feeds is None or ref_outs is None:
+        raise OpsetUnavailable(have, want, "no sample to check the conversion on")
+    outs = _run(new, feeds)
+    if outs is None:
+        raise OpsetUnavailable(have, want, "the converted model does not run")
+    why = _same(ref_outs, outs)
+    if why:
+        raise OpsetUnavailable(have, want, f"the converted model differs: {why}")
+    return new
+
+
+def normalize(proto: onnx.ModelProto, *, min_opset: int | None = None, sample: dict | None = None
+              ) -> tuple[onnx.ModelProto, dict]:
+    """The normal form of ``proto`` and a record of what changed (``did``: a list of lines; empty
+    when nothing did). ``sample``: one feed dict to check conversions and output shapes on.
+    Raises :class:`OpsetUnavailable` when ``min_opset`` cannot be reached exactly."""
+    did: list[str] = []
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    n = _open_dims(out)
+    if n:
+        did.append(f"{n} dim(s) stored as -1/0 named")
+    unnamed = _name_nodes(out)
+    if unnamed:
+        did.append(f"{unnamed} unnamed node(s) named")
+    out, lifted = _lift_constants(out)
+    if lifted:
+        did.append(f"{lifted} Constant weight(s) made initializers")
+    ref_outs = _run(out, sample) if sample is not None else None
+    if ref_outs is not None:
+        wrong = _fix_output_shapes(out, ref_outs)
+        if wrong:
+            did.append("declared output shape(s) cleared: " + "; ".join(wrong))
+    have = main_opset(out)
+    if min_opset and have < min_opset:
+        out = _convert(out, min_opset, sample, ref_outs)
+        did.append(f"opset {have} -> {min_opset} (checked on a sample)")
+    return out, {"step": "normalize", "did": did, "opset": main_opset(out)}
