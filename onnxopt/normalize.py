@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from .errors import first_line
+from .passes._ranges import subgraphs
 
 __all__ = ["normalize", "OpsetUnavailable", "main_opset"]
 
@@ -53,23 +54,19 @@ def _open_dims(proto: onnx.ModelProto) -> int:
     return count
 
 
+def _each_graph(graph: onnx.GraphProto):
+    """The graph and every subgraph under it, depth first."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from _each_graph(sub)
+
+
 def _constant_weights(proto: onnx.ModelProto) -> int:
     """Count the tensor-valued Constant nodes (weights as a converter writes them), subgraphs too."""
-
-    def walk(graph: onnx.GraphProto) -> int:
-        n = 0
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and \
-                    any(a.name == "value" and a.t.dims and np.prod(a.t.dims) >= 16 for a in node.attribute):
-                n += 1
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    n += walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    n += sum(walk(g) for g in a.graphs)
-        return n
-
-    return walk(proto.graph)
+    return sum(1 for g in _each_graph(proto.graph) for node in g.node
+               if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+               and any(a.name == "value" and a.t.dims and np.prod(a.t.dims) >= 16 for a in node.attribute))
 
 
 def _lift_constants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -81,7 +78,8 @@ def _lift_constants(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
     model = ir.serde.deserialize_model(proto)
     LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
-    return ir.serde.serialize_model(model), count - _constant_weights(ir.serde.serialize_model(model))
+    lifted = ir.serde.serialize_model(model)
+    return lifted, count - _constant_weights(lifted)
 
 
 def _name_nodes(proto: onnx.ModelProto) -> int:
@@ -89,18 +87,7 @@ def _name_nodes(proto: onnx.ModelProto) -> int:
     Hand-written: onnx-ir's NameFixPass also renames values, which would change the file's
     interface names seen by the user."""
     taken, count = set(), 0
-
-    def graphs(g):
-        yield g
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    yield from graphs(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        yield from graphs(sub)
-
-    all_graphs = list(graphs(proto.graph))
+    all_graphs = list(_each_graph(proto.graph))
     for g in all_graphs:
         taken.update(n.name for n in g.node if n.name)
     for g in all_graphs:
