@@ -28,7 +28,7 @@ from ._version import __version__
 from .artifact import io_signature, load_model, read_sidecar
 from .errors import BadInput, check_choice, first_line
 from .evaluate import agreement, top1
-from .feeds import Dataset, cast_feeds, check_feeds, load_dataset, random_feeds
+from .feeds import Dataset, cast_feeds, check_dataset, load_dataset, random_feeds
 from .progress import progress
 from .runtime import available_providers, make_session, ort, run
 
@@ -275,7 +275,7 @@ def _plan(models: list[str | Path], settings: BenchSettings, data: str | Dataset
     classification = None if task is None else task == "classification"
     dataset = load_dataset(data, protos[0]) if isinstance(data, str) else data
     if dataset is not None:
-        check_feeds(protos[0], dataset.inputs, dataset.name)
+        check_dataset(protos[0], dataset)
     variants = [_Variant(n, "onnx", p, m, sizes=file_sizes(p)) for n, p, m in zip(names, paths, protos)]
     if torch_ref:
         from .sources import resolve
@@ -299,9 +299,13 @@ def _random_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
 
 
 def _batch_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
-    """The first ``batch`` dataset samples when there are enough, else random inputs."""
+    """The first ``batch`` dataset samples when there are enough (per-sample data: its first
+    sample, at batch 1), else random inputs."""
     dataset = plan.dataset
-    if dataset is not None and len(dataset) >= batch:
+    if dataset is not None and dataset.per_sample:
+        if batch == 1:
+            return cast_feeds(plan.protos[0], dataset.samples[0])
+    elif dataset is not None and len(dataset) >= batch:
         return cast_feeds(plan.protos[0], {k: v[:batch] for k, v in dataset.inputs.items()})
     return _random_feeds(plan, batch)
 
@@ -369,7 +373,7 @@ def _add_accuracy_and_memory(plan: _BenchPlan, rows: list[dict]) -> None:
             accuracy[v.name] = _dataset_accuracy(v, plan.protos[0], plan.dataset)
     memory: dict[str, float | None] = {}
     if settings.memory:
-        feeds = _random_feeds(plan, settings.batches[0])
+        feeds = _batch_feeds(plan, settings.batches[0])
         for v in progress(plan.variants, desc="peak memory", unit="model"):
             if v.kind == "onnx":
                 memory[v.name] = _memory(v.path, feeds, settings.thread_counts()[0])
@@ -419,6 +423,8 @@ def bench(
 
 def _dataset_accuracy(v: _Variant, ref_model: onnx.ModelProto, dataset: Dataset) -> dict:
     """Top-1 accuracy of one variant over the whole labelled dataset (batches of 64)."""
+    if dataset.labels is None:
+        return {}
     sess = make_session(v.path, "cpu", None, v.path) if v.kind == "onnx" else None
     outs = []
     for feeds, _ in dataset.batches(64):

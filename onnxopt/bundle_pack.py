@@ -228,7 +228,7 @@ def _record_smoke(src: _Source, settings: PackSettings) -> _Smoke:
 
     proto, sig, where = src.proto, src.sig, str(src.path)
     first = sig["inputs"][0]["shape"] if sig["inputs"] else []
-    batch = first[0] if first and isinstance(first[0], int) else 1
+    batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 1  # -1: open
     feeds = random_feeds(proto, batch=batch, seq=32, seed=0, where=where)
     sess = make_session(proto, where=where)
     outs = run(sess, feeds, where=where)

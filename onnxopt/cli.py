@@ -350,6 +350,8 @@ def _given(options: dict) -> dict:
 @click.argument("model", type=click.Path())
 @_output_option("simplified")
 @click_options(Simplify)
+@click_options(DataOptions)
+@click_options(Gates, ["min_agreement", "min_cosine", "max_channel_error"])
 @_json_option
 def simplify(model, output, as_json, **settings):
     """Simplify an ONNX graph: constant folding, ORT offline fusions, transformer fusions; verified.
@@ -358,12 +360,13 @@ def simplify(model, output, as_json, **settings):
     Examples:
       onnxopt simplify resnet18.onnx -o resnet18-simple.onnx
       onnxopt simplify minilm.onnx -o minilm-fused.onnx --transformer bert
+      onnxopt simplify det.onnx -o det-simple.onnx --data recorded.npz
     """
     from .apply import simplify as api_simplify
     from .render import simplify_summary
     from .report import to_json
 
-    side = api_simplify(model, output, **settings)
+    side = api_simplify(model, output, **_given(settings))
     click.echo(to_json(side) if as_json else simplify_summary(side, output))
 
 

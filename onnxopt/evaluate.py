@@ -123,8 +123,10 @@ class _OutputStats:
         self.count = self.mismatch = 0
         self.ref_max = 0.0
         self.cos: list[np.ndarray] = []
-        self.axis: int | None = None
-        self.lo = self.hi = self.err_q = None  # per channel: reference min/max, error quantile
+        # per candidate channel axis (None: the whole tensor): reference min/max and error
+        # quantile per channel, or False once that axis changed size between samples
+        self.acc: dict = {}
+        self.first_axis: int | None = None
         self.argmax_changed = self.argmax_total = 0
         self.flips = self.positives = 0
 
@@ -151,30 +153,44 @@ class _OutputStats:
             self.argmax_total += int(np.prod(r.shape[:-1]))
 
     def _channels(self, r: np.ndarray, o: np.ndarray, d: np.ndarray) -> None:
-        axis = _channel_axis(r.shape)
-        n = 1 if axis is None else r.shape[axis]
-        if self.lo is not None and (axis != self.axis or n != len(self.lo)):
-            axis, n = None, 1  # channels differ from batch to batch: judge each tensor whole
-            if self.axis is not None or len(self.lo) != 1:
-                self.lo = self.hi = self.err_q = None
-        self.axis = axis
+        # Every candidate channel axis is tracked: the preferred one (see _channel_axis) may
+        # change size between samples (a sequence's length on axis 1 of [1, T, classes]);
+        # then the result judges the axis whose size held, else each tensor whole.
+        pref = _channel_axis(r.shape)
+        cands = {None} if pref is None else {pref, r.ndim - 1}
+        for axis in cands | {None}:
+            n = 1 if axis is None else r.shape[axis]
+            acc = self.acc.get(axis)
+            if acc is False or (acc is not None and len(acc[0]) != n):
+                self.acc[axis] = False  # this axis changes size: not a channel axis
+                continue
+            rc = r.reshape(1, -1) if axis is None else np.moveaxis(r, axis, 0).reshape(n, -1)
+            dc = d.reshape(1, -1) if axis is None else np.moveaxis(d, axis, 0).reshape(n, -1)
+            if rc.shape[1] == 0:
+                continue
+            lo, hi, q = rc.min(1), rc.max(1), np.quantile(dc, self.QUANTILE, axis=1)
+            self.acc[axis] = (lo, hi, q) if acc is None else (np.minimum(acc[0], lo), np.maximum(acc[1], hi),
+                                                               np.maximum(acc[2], q))
+            if axis == pref:
+                prob = (lo >= 0) & (hi <= 1)
+                if prob.any():
+                    oc = o.reshape(1, -1) if axis is None else np.moveaxis(o, axis, 0).reshape(n, -1)
+                    ref_pos, out_pos = rc[prob] > 0.5, oc[prob] > 0.5
+                    self.flips += int(np.count_nonzero(ref_pos != out_pos))
+                    self.positives += int(np.count_nonzero(ref_pos))
+        if self.first_axis is None:
+            self.first_axis = pref
+        for axis in list(self.acc):
+            if axis not in cands | {None}:
+                self.acc[axis] = False  # the rank or the shape rule changed between samples
 
-        def by_channel(a: np.ndarray) -> np.ndarray:
-            return a.reshape(1, -1) if axis is None else np.moveaxis(a, axis, 0).reshape(n, -1)
-
-        rc, dc = by_channel(r), by_channel(d)
-        if rc.shape[1] == 0:
-            return
-        lo, hi, q = rc.min(1), rc.max(1), np.quantile(dc, self.QUANTILE, axis=1)
-        if self.lo is None:
-            self.lo, self.hi, self.err_q = lo, hi, q
-        else:
-            self.lo, self.hi, self.err_q = np.minimum(self.lo, lo), np.maximum(self.hi, hi), np.maximum(self.err_q, q)
-        prob = (lo >= 0) & (hi <= 1)
-        if prob.any():
-            ref_pos, out_pos = rc[prob] > 0.5, by_channel(o)[prob] > 0.5
-            self.flips += int(np.count_nonzero(ref_pos != out_pos))
-            self.positives += int(np.count_nonzero(ref_pos))
+    def _judged_axis(self):
+        """The first-seen preferred axis if its size held, else the other candidate, else whole."""
+        order = [self.first_axis] + [a for a in self.acc if a not in (self.first_axis, None)] + [None]
+        for axis in order:
+            if self.acc.get(axis) not in (None, False):
+                return axis, self.acc[axis]
+        return None, None
 
     def result(self) -> dict:
         res: dict = {"output": self.name, "shape_ok": self.shape_ok}
@@ -186,7 +202,9 @@ class _OutputStats:
         cos = np.concatenate(self.cos) if self.cos else np.ones(1)
         res.update(max_abs_err=self.max_err, mean_abs_err=self.sum_err / max(self.count, 1),
                    ref_max_abs=self.ref_max, cosine_min=float(cos.min()), cosine_mean=float(cos.mean()))
-        if self.lo is not None:
+        self.axis, acc = self._judged_axis()
+        if acc is not None:
+            self.lo, self.hi, self.err_q = acc
             # A channel's scale is its range over the samples, but never under a tenth of its
             # magnitude: a logit that sits near 10 and moves by 0.02 is not judged on 0.02.
             span = self.hi - self.lo

@@ -123,7 +123,12 @@ def _fix_output_shapes(proto: onnx.ModelProto, outs: list[np.ndarray]) -> list[s
         dims = t.shape.dim
         wrong = len(dims) != a.ndim or any(d.HasField("dim_value") and d.dim_value != s for d, s in zip(dims, a.shape))
         if wrong:
+            # The real rank with every dim open: dropping the shape field outright is invalid
+            # for files of IR version < 7 (onnx.checker: "Field 'shape' of 'type' is required").
             t.ClearField("shape")
+            t.shape.SetInParent()
+            for _ in range(a.ndim):
+                t.shape.dim.add()
             fixed.append(f"{v.name} (declared {'x'.join(d.dim_param or str(d.dim_value) for d in dims) or 'scalar'}, "
                          f"returns {'x'.join(map(str, a.shape)) or 'scalar'})")
     return fixed

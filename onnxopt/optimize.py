@@ -79,6 +79,7 @@ def optimize(
             save_model(proto, model_path, read_sidecar(src) or lineage(src))
         sidecar = read_sidecar(model_path)
         torch_ref = None
+        settings = _batches_for_file(proto, settings, data)
     else:
         spec = resolve(model, input_shape=input_shape, dtype=dtype, weights=weights, task=task)
         name = _safe_name(spec.name.replace(":", "-"))
@@ -107,3 +108,29 @@ def optimize(
     write_json(out / "report.json", report)
     write_text(out / "report.md", bench_markdown(report_bench, f"onnxopt optimize {model}"))
     return report
+
+
+def _batches_for_file(proto, settings: BenchSettings, data) -> BenchSettings:
+    """The batch sizes a bare file can be timed at: only its own batch when axis 0 is fixed
+    (Paddle and tf2onnx exports at batch 1), and batch 1 when the data is per-sample (samples of
+    different shapes have no batch to stack) -- said in the log, never a refusal."""
+    import dataclasses
+
+    from .feeds import fixed_batch, load_dataset
+
+    fixed = fixed_batch(proto)
+    allowed = None
+    if fixed is not None:
+        allowed = (fixed,)
+    elif isinstance(data, str):
+        try:
+            if load_dataset(data, proto, preprocess="raw").per_sample:
+                allowed = (1,)
+        except Exception:  # a bad --data is refused, with its reason, where it is used
+            allowed = None
+    if allowed is None or tuple(settings.batches) == allowed:
+        return settings
+    logger.warning("timing at batch %s only (%s)", allowed[0],
+                   f"the file is fixed at batch {fixed}" if fixed is not None else "the data holds samples of different shapes")
+    return dataclasses.replace(settings, batches=allowed)
+

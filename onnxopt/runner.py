@@ -105,7 +105,23 @@ def _data_key(feeds: list[dict] | None) -> str:
 
 def _run_one(p, current: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
     result = p(ir.serde.deserialize_model(current))
+    if not _sorted(result.model.graph):
+        # ORT's quantizer can emit a node before the If whose output it reads (seen on
+        # silero-vad's opset-15 file); onnx-ir's sort puts the graph back in order.
+        result.model.graph.sort()
+        result.stats["resorted"] = True
     return ir.serde.serialize_model(result.model), result.stats
+
+
+def _sorted(graph: ir.Graph) -> bool:
+    """Whether every node of the main graph comes after the nodes that produce its inputs."""
+    seen = set()
+    for node in graph:
+        for v in node.inputs:
+            if v is not None and v.producer() is not None and v.producer() not in seen:
+                return False
+        seen.add(node)
+    return True
 
 
 def run_steps(model: onnx.ModelProto, steps, *, calibration: list[dict] | None = None,

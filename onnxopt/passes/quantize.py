@@ -354,7 +354,7 @@ class QuantizeStatic(_PerChannelOpset, OnnxoptPass):
         if "stride" in calib:
             extra["CalibStridedMinMax"] = calib["stride"]
         qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        try:
+        def calibrate_and_quantize(extra: dict) -> None:
             with _quiet_ort_quantizer():
                 quantize_static(
                     str(src), str(dst), reader,
@@ -367,6 +367,22 @@ class QuantizeStatic(_PerChannelOpset, OnnxoptPass):
                                       "percentile": CalibrationMethod.Percentile}[self.method],
                     extra_options=extra,
                 )
+
+        try:
+            try:
+                calibrate_and_quantize(extra)
+            except ValueError as e:
+                if "truth value of an array" not in str(e) or extra.get("QDQDisableWeightAdjustForInt32Bias"):
+                    raise
+                # ORT's int32-bias weight-scale adjustment (qdq_quantizer
+                # _adjust_weight_scale_for_int32_bias) compares a per-channel scale array as a
+                # scalar and dies (seen on magika's Dense layers). The data is fine: turn that
+                # adjustment off and say so.
+                calib["int32_bias_adjust_off"] = first_line(e, 120)
+                extra = {**extra, "QDQDisableWeightAdjustForInt32Bias": True}
+                if hasattr(reader, "rewind"):
+                    reader.rewind()
+                calibrate_and_quantize(extra)
         except ValueError as e:
             msg = first_line(e, 200)
             raise BadInput("calibration data", f"ONNX Runtime's calibration failed: {msg}") from None
