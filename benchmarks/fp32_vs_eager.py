@@ -13,7 +13,6 @@ Writes benchmarks/results/fp32_vs_eager.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile

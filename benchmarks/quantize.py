@@ -139,7 +139,7 @@ def main() -> None:
             for row in results[name]["bench"]["rows"]:
                 print(f"{row['model']:45s} b{row['batch']:<4d} p50 {row['p50_ms']:8.3f} ms  "
                       f"{row['speedup']:.2f}x  {ratio_range(row)}", file=sys.stderr, flush=True)
-    lines = [f"# onnxopt quantize benchmark", "", f"Command: `{results['command'].strip()}`", "", NOTES,
+    lines = ["# onnxopt quantize benchmark", "", f"Command: `{results['command'].strip()}`", "", NOTES,
              f"Machine: {json.dumps(next(iter(v['bench']['machine'] for k, v in results.items() if k != 'command')))}",
              "", "| model | batch | p50 ms | speed-up vs first row | runs | notes |", "|---|---|---|---|---|---|"]
     for key, res in results.items():

@@ -17,7 +17,7 @@ every file (it must read ~1.00x). Each file's feeds are recorded once by running
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import shutil
 import subprocess
@@ -109,19 +109,22 @@ def _ort_plain(kind: str, src: Path, dst: Path, npz: Path) -> dict:
     from onnxopt.feeds import load_dataset
 
     t0 = time.perf_counter()
+    src, dst = src.resolve(), dst.resolve()
     try:
-        pre = dst.with_suffix(".pre.onnx")
-        try:
-            quant_pre_process(str(src), str(pre))
-        except Exception:
-            shutil.copy(src, pre)
-        if kind == "ort-dynamic":
-            quantize_dynamic(str(pre), str(dst))
-        else:
-            ds = load_dataset(str(npz), preprocess="raw")
-            samples = ds.samples if ds.per_sample else [
-                {k: v[i:i + 1] if v.ndim else v for k, v in ds.inputs.items()} for i in range(len(ds))]
-            quantize_static(str(pre), str(dst), _Reader(samples[:32]))
+        # in the work folder: ORT's symbolic shape inference leaves temp files in the cwd
+        with contextlib.chdir(dst.parent):
+            pre = dst.with_suffix(".pre.onnx")
+            try:
+                quant_pre_process(str(src), str(pre))
+            except Exception:
+                shutil.copy(src, pre)
+            if kind == "ort-dynamic":
+                quantize_dynamic(str(pre), str(dst))
+            else:
+                ds = load_dataset(str(npz), preprocess="raw")
+                samples = ds.samples if ds.per_sample else [
+                    {k: v[i:i + 1] if v.ndim else v for k, v in ds.inputs.items()} for i in range(len(ds))]
+                quantize_static(str(pre), str(dst), _Reader(samples[:32]))
         return {"rc": 0, "traceback": False, "error": "", "wall_s": round(time.perf_counter() - t0, 1)}
     except Exception as e:
         return {"rc": 1, "traceback": True, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300],
@@ -217,7 +220,7 @@ def markdown(rows, argv, env) -> str:
               f"- default `quantize`: {sum(r.get('rc') == 0 for r in ours)} of {len(ours)} files written; "
               f">= 1.3x with the answer unchanged: {len(fast)} ({fast_list}); "
               f"slower than the original (< 0.97x): {len(slower)}",
-              f"- ORT plain defaults: "
+              "- ORT plain defaults: "
               + "; ".join(f"{k}: {sum(r.get('rc') == 0 for r in rows if r['command'] == k)} written, "
                           f"{sum(r.get('pipeline_ok') is False for r in rows if r['command'] == k)} change the answer, "
                           f"{sum(bool(r.get('traceback')) for r in rows if r['command'] == k)} crash"

@@ -28,7 +28,7 @@ from ._version import __version__
 from .artifact import io_signature, load_model, read_sidecar
 from .errors import BadInput, check_choice, first_line
 from .evaluate import agreement, top1
-from .feeds import Dataset, cast_feeds, check_dataset, load_dataset, random_feeds
+from .feeds import Dataset, cast_feeds, check_dataset, first_feeds, load_dataset, random_feeds
 from .progress import progress
 from .runtime import available_providers, make_session, ort, run
 
@@ -301,13 +301,8 @@ def _random_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
 def _batch_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
     """The first ``batch`` dataset samples when there are enough (per-sample data: its first
     sample, at batch 1), else random inputs."""
-    dataset = plan.dataset
-    if dataset is not None and dataset.per_sample:
-        if batch == 1:
-            return cast_feeds(plan.protos[0], dataset.samples[0])
-    elif dataset is not None and len(dataset) >= batch:
-        return cast_feeds(plan.protos[0], {k: v[:batch] for k, v in dataset.inputs.items()})
-    return _random_feeds(plan, batch)
+    feeds = first_feeds(plan.protos[0], plan.dataset, batch)
+    return feeds if feeds is not None else _random_feeds(plan, batch)
 
 
 def _first_outputs(runnable: list[_Variant], feeds) -> dict[str, list]:

@@ -315,7 +315,7 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the s
 @click_options(DataOptions)
 @click_options(QuantizeSettings, ["target"])
 @click_options(QuantizeStatic, list(STATIC_OPTIONS))
-@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_size_mb"])
+@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_decision_change", "max_size_mb"])
 @click_options(QuantizeSettings, ["fallback", "max_float_nodes", "speed_check"])
 @_json_option
 def quantize(model, output, as_json, **options):
@@ -351,7 +351,7 @@ def _given(options: dict) -> dict:
 @_output_option("simplified")
 @click_options(Simplify)
 @click_options(DataOptions)
-@click_options(Gates, ["min_agreement", "min_cosine", "max_channel_error"])
+@click_options(Gates, ["min_agreement", "min_cosine", "max_channel_error", "max_decision_change"])
 @_json_option
 def simplify(model, output, as_json, **settings):
     """Simplify an ONNX graph: constant folding, ORT offline fusions, transformer fusions; verified.
@@ -381,7 +381,7 @@ def simplify(model, output, as_json, **settings):
 @click.option("--nm", "nm", default="2:4", show_default=True, help="nm: keep N of every M weights (N:M).")
 @click_options(DataOptions)
 @click_options(PruneChannels, ["calibration_samples"])
-@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_size_mb"])
+@click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_decision_change", "max_size_mb"])
 @click_options(PruneSettings, ["finetune_epochs", "weights", "input_shape"])
 @_json_option
 def prune(model, output, nm, as_json, **options):
@@ -442,7 +442,7 @@ class _PassGroup(click.Group):
         @_output_option(name)
         @click_options(cls)
         @click_options(DataOptions)
-        @click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_size_mb"])
+        @click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_decision_change", "max_size_mb"])
         @_json_option
         def run_pass(model, output, as_json, **options):
             from .apply import apply

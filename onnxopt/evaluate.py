@@ -108,6 +108,8 @@ def _channel_axis(shape: tuple) -> int | None:
         return None
     if len(shape) == 2:
         return 1
+    if len(shape) == 3 and shape[1] == 1 and shape[0] != 1:
+        return 2  # [T, 1, classes]: a time-major sequence of score vectors (CTC recognizers)
     return 1 if shape[1] <= shape[-1] else len(shape) - 1
 
 
@@ -129,6 +131,7 @@ class _OutputStats:
         self.first_axis: int | None = None
         self.argmax_changed = self.argmax_total = 0
         self.flips = self.positives = 0
+        self.ndim = None
 
     def add(self, ref: np.ndarray, out: np.ndarray) -> None:
         if ref.shape != out.shape:
@@ -140,6 +143,7 @@ class _OutputStats:
             self.count += ref.size
             return
         r, o = ref.astype(np.float64), out.astype(np.float64)
+        self.ndim = r.ndim
         d = np.abs(r - o)
         if d.size:
             self.max_err = max(self.max_err, float(d.max()))
@@ -217,7 +221,19 @@ class _OutputStats:
             res["argmax_changed"] = self.argmax_changed / self.argmax_total
         if self.positives or self.flips:
             res["threshold_flips"] = self.flips / max(self.positives, 1)
+        if self.argmax_total and self._class_axis_last(acc):
+            res["decisions_changed"] = res["argmax_changed"]
         return res
+
+    def _class_axis_last(self, acc) -> bool:
+        """Whether the arg-max along the last axis is a decision the model's user takes: the
+        judged channel axis is the last one of a [batch, classes] or [.., positions, classes]
+        output, and its channels are one kind of score -- not box coordinates (spans over 10)
+        beside probabilities (within [0, 1]), where the arg-max means nothing."""
+        if acc is None or self.ndim not in (2, 3) or self.axis != self.ndim - 1 or len(self.hi) < 2:
+            return False
+        prob = (self.lo >= 0) & (self.hi <= 1)
+        return not (prob.any() and float((self.hi - self.lo).max()) > 10)
 
 
 def compare(ref: Outputs, out: Outputs, classification: bool | None = None) -> dict:
@@ -225,7 +241,8 @@ def compare(ref: Outputs, out: Outputs, classification: bool | None = None) -> d
     max/mean error, row cosines, the 99.9th-percentile error of each channel relative to that
     channel's range in the reference, or a tenth of its magnitude when that is larger
     (``channel_err``: box coordinates and class scores in one tensor are each judged on their
-    own scale), arg-max changes along the last axis, and flips
+    own scale), arg-max changes along the last axis (``decisions_changed`` where that axis holds
+    class scores: the share of the user's decisions that the variant changes), and flips
     of probabilities across 0.5. Overall: the worst output's figures, and top-1 agreement of the
     first output for classifiers (``classification`` None = guessed from its shape)."""
     stats = [_OutputStats(n) for n in ref.names]
@@ -245,6 +262,10 @@ def compare(ref: Outputs, out: Outputs, classification: bool | None = None) -> d
     res["cosine_mean"] = min((p["cosine_mean"] for p in num), default=1.0)
     res["max_abs_err"] = max((p["max_abs_err"] for p in num), default=0.0)
     res["mismatch"] = max((p.get("mismatch", 0.0) for p in per), default=0.0)
+    dec = [p for p in num if "decisions_changed" in p]
+    if dec:
+        worst = max(dec, key=lambda p: p["decisions_changed"])
+        res["decisions_changed"], res["decisions_changed_at"] = worst["decisions_changed"], worst["output"]
     chans = [p for p in num if "channel_err" in p]
     if chans:
         worst = max(chans, key=lambda p: p["channel_err"])

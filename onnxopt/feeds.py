@@ -19,7 +19,7 @@ import onnx
 from .artifact import io_signature
 from .errors import BadInput
 
-__all__ = ["Dataset", "random_feeds", "load_dataset", "check_feeds", "check_dataset", "gather_vocab_sizes",
+__all__ = ["Dataset", "random_feeds", "first_feeds", "load_dataset", "check_feeds", "check_dataset", "gather_vocab_sizes",
            "array_digest", "save_samples", "SAMPLE_KEY"]
 
 @dataclass
@@ -285,6 +285,18 @@ def cast_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str
     sig = {i["name"]: i for i in io_signature(model)["inputs"]}
     return {k: (v.astype(sig[k]["dtype"]) if k in sig and sig[k]["dtype"] else v)
             for k, v in feeds.items() if k in sig}
+
+
+def first_feeds(model: onnx.ModelProto, dataset: Dataset | None, batch: int = 1) -> dict[str, np.ndarray] | None:
+    """The first ``batch`` samples of ``dataset`` as the model's feeds (per-sample data: its first
+    sample, at batch 1 only), cast to the input dtypes; None when the data cannot give them."""
+    if dataset is None:
+        return None
+    if dataset.per_sample:
+        return cast_feeds(model, dataset.samples[0]) if batch == 1 and dataset.samples else None
+    if len(dataset) < batch:
+        return None
+    return cast_feeds(model, {k: v[:batch] if np.ndim(v) else v for k, v in dataset.inputs.items()})
 
 
 def load_dataset(spec, model: onnx.ModelProto | None = None, *, preprocess: str = "imagenet") -> Dataset:

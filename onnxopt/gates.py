@@ -31,6 +31,15 @@ _SLACK = 1e-9
 # reach a quarter of that channel's range (INT8 noise is a few percent; class scores quantized on
 # the scale of box coordinates beside them err by more than their whole range).
 DEFAULT_CHANNEL_ERROR = 0.25
+# ... and at most this share of its class decisions (arg-max over class scores, per row or per
+# sequence position) may change: a text recognizer whose 1.6% of frames flip misreads 2 of 6
+# captchas, while its worst channel errs by only 0.07 of its range.
+DEFAULT_DECISION_CHANGE = 0.01
+
+
+class _Defaulted(float):
+    """A gate limit that :meth:`Gates.for_variant` filled in, not the user: the default decision
+    gate stands aside when labels judge the variant (a decision that turns right is no loss)."""
 
 
 def parse_max_drop(value) -> tuple[float, str] | None:
@@ -78,17 +87,23 @@ class Gates:
         None, "Gate: the worst output channel's error (99.9th percentile) relative to that channel's range in "
         f"the reference [default: {DEFAULT_CHANNEL_ERROR} for quantize, prune, simplify and apply without --max-drop].",
         type=float)
+    max_decision_change: float | None = option(
+        None, "Gate: the share of class decisions (arg-max over an output's class scores, per row or sequence "
+        f"position) that may change [default: {DEFAULT_DECISION_CHANGE} where --max-channel-error defaults and the "
+        "data has no labels].",
+        type=float)
     min_speedup: float | None = option(None, "Gate: speed-up vs the reference at the first batch size.", type=float)
     max_size_mb: float | None = option(None, "Gate: size on disk in MB.", type=float)
     max_p90_ms: float | None = option(None, "Gate: p90 latency at the first batch size.", type=float)
 
     def __post_init__(self):
         object.__setattr__(self, "_drop", parse_max_drop(self.max_drop))  # parsed once, here
-        for name in ("min_agreement", "min_cosine", "max_channel_error", "min_speedup", "max_size_mb", "max_p90_ms"):
+        for name in ("min_agreement", "min_cosine", "max_channel_error", "max_decision_change", "min_speedup",
+                     "max_size_mb", "max_p90_ms"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, (int, float)) or v < 0 or not np.isfinite(v)):
                 raise BadInput(f"gates.{name}", f"must be a number >= 0, got {v!r}")
-        for name in ("min_agreement", "min_cosine"):
+        for name in ("min_agreement", "min_cosine", "max_decision_change"):
             if getattr(self, name) is not None and getattr(self, name) > 1:
                 raise BadInput(f"gates.{name}", "is a fraction in [0, 1]")
 
@@ -104,11 +119,16 @@ class Gates:
 
     def for_variant(self) -> "Gates":
         """These gates as a variant-making job (quantize, prune, simplify, apply, a recipe's steps)
-        holds them: without an accuracy gate on labels (the task's own judge), the per-channel
-        tolerance defaults to :data:`DEFAULT_CHANNEL_ERROR`."""
+        holds them: without an accuracy gate on labels (the task's own judge) or a per-channel
+        tolerance given, the per-channel tolerance defaults to :data:`DEFAULT_CHANNEL_ERROR` and
+        the share of changed class decisions, where no labels judge them, to
+        :data:`DEFAULT_DECISION_CHANGE`."""
         if self.max_channel_error is not None or self.max_drop is not None:
             return self
-        return dataclasses.replace(self, max_channel_error=DEFAULT_CHANNEL_ERROR)
+        return dataclasses.replace(self, max_channel_error=DEFAULT_CHANNEL_ERROR,
+                                   max_decision_change=(_Defaulted(DEFAULT_DECISION_CHANGE)
+                                                        if self.max_decision_change is None
+                                                        else self.max_decision_change))
 
     def active(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -141,6 +161,11 @@ class Gates:
             out.append({"gate": "max_channel_error", "limit": self.max_channel_error,
                         "value": round(q["channel_err"], 6), "at": q["channel_err_at"],
                         "passed": q["channel_err"] <= self.max_channel_error})
+        if (self.max_decision_change is not None and "decisions_changed" in q
+                and not (isinstance(self.max_decision_change, _Defaulted) and "accuracy" in q)):
+            out.append({"gate": "max_decision_change", "limit": float(self.max_decision_change),
+                        "value": round(q["decisions_changed"], 6), "at": q["decisions_changed_at"],
+                        "passed": q["decisions_changed"] <= self.max_decision_change})
         if self.max_size_mb is not None:
             mb = q["bytes"] / 1e6
             out.append({"gate": "max_size_mb", "limit": self.max_size_mb, "value": round(mb, 4),
@@ -188,6 +213,8 @@ def measure(ref_out: Outputs | None, proto: onnx.ModelProto, ds: Dataset | None,
     q["cosine_mean"] = c["cosine_mean"]
     if "channel_err" in c:
         q["channel_err"], q["channel_err_at"] = c["channel_err"], c["channel_err_at"]
+    if "decisions_changed" in c:
+        q["decisions_changed"], q["decisions_changed_at"] = c["decisions_changed"], c["decisions_changed_at"]
     r0, o0 = ref_out.first(), out.first()
     if ds.labels is not None and r0 is not None and o0 is not None and o0.ndim == 2:
         acc_r, acc = top1(r0, ds.labels), top1(o0, ds.labels)
@@ -198,13 +225,19 @@ def measure(ref_out: Outputs | None, proto: onnx.ModelProto, ds: Dataset | None,
 
 def gate_failed(where: str, checks: list[dict], hint: str, report: dict | None = None) -> GateFailed | None:
     """The :class:`GateFailed` for the first failed check (None when all passed): one line that
-    says which gate, by how much."""
+    says which gate, by how much. A check may carry its own sentence (``what``) and ``hint``."""
     bad = [c for c in checks if not c["passed"]]
     if not bad:
         return None
     c = bad[0]
-    if c["gate"] == "max_drop":
+    hint = c.get("hint", hint)
+    if "what" in c:
+        what = c["what"]
+    elif c["gate"] == "max_drop":
         what = f"accuracy dropped {c['value']:.2f} points, more than --max-drop ({c['limit']:.2f} points)"
+    elif c["gate"] == "max_decision_change":
+        what = (f"{c['value']:.1%} of the class decisions of output {c['at']} change, more than "
+                f"--max-decision-change ({c['limit']:g})")
     elif c["gate"] == "max_channel_error":
         what = (f"{c['at']} errs by {c['value']:.3g} of its range, more than --max-channel-error "
                 f"({c['limit']:g})")

@@ -15,17 +15,20 @@ import numpy as np
 import onnx
 
 from .artifact import lineage, save_model
+from .bench import speed_ratio
 from .errors import BadInput, InternalError, VerificationFailed
 from .evaluate import Outputs, compare, predict_all
-from .feeds import Dataset, load_dataset, random_feeds
+from .feeds import Dataset, first_feeds, load_dataset, random_feeds
 from .gates import Gates, gate_data, gate_failed, measure
 from .options import option
 from .runtime import make_session, run
 
 __all__ = ["DataOptions", "calibration_data", "eval_data", "sidecar_dataset", "verify_variant", "judge",
-           "write_variant", "job_gates", "rejected_path"]
+           "write_variant", "job_gates", "rejected_path", "speed_check", "SLOWER_THAN_REFERENCE"]
 
 PREPROCESS = ("imagenet", "unit", "raw")
+# A variant timed at less than this speed-up over its input is refused as slower (5% for noise).
+SLOWER_THAN_REFERENCE = 0.95
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,14 +190,15 @@ def gate_record(gates: Gates, checks: list[dict]) -> dict | None:
 
 
 def write_variant(proto: onnx.ModelProto, output, model_path, step: dict, verification: dict, gates: Gates,
-                  hint: str, extra: dict | None = None) -> dict:
-    """Judge the variant with ``gates``, write it and its sidecar (lineage + ``step``, the
-    verification, the gate checks, ``extra``), then raise GateFailed (exit 3) when a gate did not
-    hold -- the model and its sidecar are then written to :func:`rejected_path`, so the user can
-    look and nothing takes them for the result."""
+                  hint: str, extra: dict | None = None, checks: list[dict] = ()) -> dict:
+    """Judge the variant with ``gates`` (plus the step's own ``checks``, such as the quantizer's
+    speed check), write it and its sidecar (lineage + ``step``, the verification, the gate checks,
+    ``extra``), then raise GateFailed (exit 3) when a check did not hold -- the model and its
+    sidecar are then written to :func:`rejected_path`, so the user can look and nothing takes them
+    for the result."""
     from .artifact import model_bytes
 
-    checks = judge(gates, verification, len(model_bytes(proto)))
+    checks = judge(gates, verification, len(model_bytes(proto))) + list(checks)
     meta = lineage(model_path, step)
     meta.update(extra or {})
     meta["verification"] = {k: v for k, v in verification.items() if k != "quality"}
@@ -210,6 +214,25 @@ def write_variant(proto: onnx.ModelProto, output, model_path, step: dict, verifi
     if err is not None:
         raise err
     return sidecar
+
+
+def speed_check(reference: onnx.ModelProto, candidate: onnx.ModelProto, eval_ds: Dataset | None, why: str,
+                hint: str) -> tuple[dict, dict]:
+    """Time ``candidate`` against ``reference`` side by side (:func:`onnxopt.bench.speed_ratio`,
+    interleaved, spinning off) on the first data sample, else on random inputs at batch 1. Returns
+    the sidecar's ``speed_check`` record (``why`` it was timed) and the ``speed`` check that
+    :func:`write_variant` judges with the gates: below :data:`SLOWER_THAN_REFERENCE` it is refused
+    with the figures and ``hint``."""
+    feeds = first_feeds(reference, eval_ds)
+    inputs = "the first data sample" if feeds is not None else "random inputs at batch 1"
+    speed = speed_ratio(reference, candidate,
+                        feeds if feeds is not None else random_feeds(reference, batch=1, seq=128, seed=0))
+    speed.update(passed=speed["speedup"] >= SLOWER_THAN_REFERENCE, why=why, inputs=inputs)
+    check = {"gate": "speed", "value": round(speed["speedup"], 3), "limit": SLOWER_THAN_REFERENCE,
+             "passed": speed["passed"], "hint": hint,
+             "what": (f"the variant is slower than its input: {speed['candidate_p50_ms']:.3g} ms vs "
+                      f"{speed['reference_p50_ms']:.3g} ms median ({speed['speedup']:.2f}x) on {inputs}")}
+    return speed, check
 
 
 def rejected_path(output) -> Path:

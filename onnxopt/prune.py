@@ -26,7 +26,7 @@ from ._version import __version__
 from .artifact import load_model, model_bytes, read_sidecar
 from .errors import BadInput
 from .gates import Gates
-from .jobs import DataOptions, calibration_data, eval_data, job_gates, verify_variant, write_variant
+from .jobs import DataOptions, calibration_data, eval_data, job_gates, speed_check, verify_variant, write_variant
 from .options import build, check_choices, fields_of, option, split
 from .passes.prune import MASK_METHODS, PruneChannels, PruneMasks, count_params
 from .passes._common import refuse_quantized
@@ -54,6 +54,8 @@ class PruneSettings:
     weights: str | None = option(None, "Torch factory source: a state_dict file.", type=str)
     input_shape: str | None = option(None, "Torch factory source: input shape, e.g. 1x3x224x224.", type=str)
     lr: float = option(1e-3, "Torch source only: fine-tuning learning rate.", cli=False)
+    speed_check: bool | None = option(None, "Time the result against the input and refuse it when slower "
+                                      "[default: on for --method channel, whose point is speed].")
 
 
 def _sizes(proto: onnx.ModelProto) -> dict:
@@ -109,12 +111,14 @@ def _prune_torch(model, output, job: PruneSettings, data: DataOptions, gates: Ga
         unsupported.insert(0, next(iter(gates.active())))
     if data.preprocess != "imagenet":
         unsupported.append("preprocess")
+    if job.speed_check is not None:
+        unsupported.append("speed_check")
     if unsupported:
         raise BadInput("--" + unsupported[0].replace("_", "-"), "does not apply to fine-tuning a torch model")
     from .prune_torch import prune_finetune
 
     importance = channel.get("importance", "auto")
-    round_to = channel.get("round_to", 1)
+    round_to = channel.get("round_to", 8)
     return prune_finetune(str(model), output, amount=channel.get("amount", 0.5), epochs=int(job.finetune_epochs),
                           data=data.data, importance="l1" if importance == "auto" else importance,
                           round_to=None if round_to in (None, 1) else round_to, weights=job.weights,
@@ -128,7 +132,7 @@ def prune_onnx(model_path: str | Path, output: str | Path, **options) -> dict:
     * ``method``: channel | magnitude | nm; ``amount``: fraction removed, in (0, 1).
     * ``importance`` (channel): auto | l1 | l2 | activation; ``auto`` is activation-aware when
       there is data, else l2. ``reconstruct``: re-fit consumers on calibration data (None = when
-      there is data). ``round_to``: kept channel counts rounded to a multiple (e.g. 8).
+      there is data). ``round_to``: kept channel counts rounded to a multiple (8).
     * ``skip``: fnmatch patterns of node names left untouched; ``threshold``, ``scope``, ``n``,
       ``m``: the weight-mask options.
     * ``data``/``preprocess``: see :class:`onnxopt.jobs.DataOptions`; ``calibration_samples``: at
@@ -173,11 +177,18 @@ def _prune_onnx(model_path, output, job: PruneSettings, data: DataOptions, gates
     record["onnxopt"] = __version__
     verification = verify_variant(proto, out_proto, eval_ds, "cpu", label="pruned", task=(prev or {}).get("task"))
     summary = _summary(job.method, step.settings, record["stats"], proto, out_proto, calib_name)
+    extra, checks = {"prune": summary}, []
+    if job.speed_check or (job.speed_check is None and job.method == "channel"):
+        extra["speed_check"], check = speed_check(
+            proto, out_proto, eval_ds, "--speed-check" if job.speed_check else "channel pruning is for speed",
+            "the kept channel counts do not suit the kernels: try --round-to 16, another --amount, or "
+            "--no-speed-check to write it anyway")
+        checks.append(check)
     return write_variant(out_proto, output, model_path, {"step": "prune", "method": job.method, "passes": [record]},
                          verification, gates,
                          "prune less (--amount), give more calibration data, or --skip sensitive layers"
                          if job.method == "channel" else "prune less (--amount) or --skip sensitive layers",
-                         {"prune": summary})
+                         extra, checks=checks)
 
 
 def _summary(method: str, settings: dict, stats: dict, proto, out_proto, calib_name) -> dict:
@@ -196,7 +207,7 @@ def _summary(method: str, settings: dict, stats: dict, proto, out_proto, calib_n
     }
     if method == "channel":
         summary.update(importance=stats["importance"], reconstruct=stats["reconstruct"],
-                       round_to=settings.get("round_to", 1), calibration_data=calib_name,
+                       round_to=settings.get("round_to", 8), calibration_data=calib_name,
                        calibration_samples=stats["calibration_samples"])
     else:
         summary.update(sparsity=stats["sparsity"], model_sparsity=stats["model_sparsity"],

@@ -38,8 +38,11 @@ def _accuracy_line(ver: dict, label: str) -> list[str]:
 
 def _agreement_table(ver: dict) -> str:
     rows = [[c["case"], f"{c.get('max_abs_err', float('nan')):.3g}", f"{c.get('cosine_min', float('nan')):.4f}",
-             f"{c['top1_agreement']:.3f}" if "top1_agreement" in c else "-"] for c in ver.get("cases", [])]
-    return table(["vs input model", "max abs err", "cosine", "top-1"], rows, "lrrr")
+             f"{c['top1_agreement']:.3f}" if "top1_agreement" in c else "-",
+             f"{c['channel_err']:.3f}" if "channel_err" in c else "-",
+             f"{c['decisions_changed']:.2%}" if "decisions_changed" in c else "-"] for c in ver.get("cases", [])]
+    return table(["vs input model", "max abs err", "cosine", "top-1", "worst channel err", "decisions changed"],
+                 rows, "lrrrrr")
 
 
 def quantize_summary(side: dict, output) -> str:
@@ -49,11 +52,20 @@ def quantize_summary(side: dict, output) -> str:
     lines += _accuracy_line(side["verification"], "quantized")
     fb = side.get("fallback")
     if fb:
-        lines.append(f"fallback: first try dropped {fb['first_try']['drop_points']:.2f} points; "
+        first = fb["first_try"]
+        said = f"dropped {first['drop_points']:.2f} points" if "drop_points" in first else first.get("said", "failed")
+        lines.append(f"fallback: first try {said}; "
                      f"{len(fb['kept_float'])} node(s) kept in float: {', '.join(fb['kept_float']) or '-'}")
-    if side.get("speed_check"):
-        lines.append(f"speed check (batch 1, side by side): {side['speed_check']['speedup']:.2f}x vs the input")
+    lines += _speed_line(side)
     return "\n".join(lines)
+
+
+def _speed_line(side: dict) -> list[str]:
+    sc = side.get("speed_check")
+    if not sc:
+        return []
+    return [f"speed check ({sc.get('inputs', 'batch 1')}, side by side): {sc['reference_p50_ms']:.3g} -> "
+            f"{sc['candidate_p50_ms']:.3g} ms median, {sc['speedup']:.2f}x vs the input"]
 
 
 def simplify_summary(side: dict, output) -> str:
@@ -109,6 +121,7 @@ def prune_summary(side: dict, output) -> tuple[str, list[str]]:
     for sk in stats.get("skipped", [])[:10]:
         lines.append(f"left alone: {sk.get('node') or sk.get('weight') or sk}: {sk.get('reason', '')}")
     lines += _accuracy_line(side["verification"], "pruned")
+    lines += _speed_line(side)
     return "\n".join(lines), [f"warning: {w}" for w in summ.get("warnings", [])]
 
 

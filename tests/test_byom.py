@@ -277,3 +277,93 @@ def test_reduce_range_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(rt, "cpu_int8_saturates", lambda: False)
     assert QuantizeDynamic().settings()["reduce_range"] is False
     assert QuantizeDynamic(reduce_range=True).settings()["reduce_range"] is True
+
+
+# ---- never slower: a user's model is timed against its input by default ----------------------
+
+def _timed(monkeypatch, speedup: float) -> list:
+    """Patch the speed check to read ``speedup`` and record what it was given."""
+    import sys
+
+    calls = []
+
+    def fake(reference, candidate, feeds, **kw):
+        calls.append({k: v.shape for k, v in feeds.items()})
+        return {"reference_p50_ms": 2.0, "candidate_p50_ms": round(2.0 / speedup, 4), "speedup": speedup,
+                "seconds": 1.0, "provider": "cpu"}
+
+    monkeypatch.setattr(sys.modules["onnxopt.jobs"], "speed_ratio", fake)
+    return calls
+
+
+def test_quantize_times_a_users_model_on_its_first_sample(tmp_path, monkeypatch):
+    """No sidecar naming a built-in family: the INT8 speed-up is unknown, so it is measured, on the
+    user's first sample (here 1x3x16x16), and a slower result is refused with the figures (exit 3),
+    written only under the rejected name."""
+    from onnxopt import quantize
+
+    src = tmp_path / "fcn.onnx"
+    onnx.save(_fcn(), src)
+    rng = np.random.default_rng(0)
+    save_samples(tmp_path / "d.npz", [{"x": rng.standard_normal((1, 3, 16 + 8 * k, 16)).astype(np.float32)}
+                                      for k in range(4)])
+    calls = _timed(monkeypatch, 0.8)
+    with pytest.raises(GateFailed, match=r"slower than its input: 2.5 ms vs 2 ms median \(0.80x\) on the first "
+                                         r"data sample") as e:
+        quantize(src, tmp_path / "q.onnx", data=str(tmp_path / "d.npz"), mode="static")
+    assert e.value.exit_code == 3 and calls == [{"x": (1, 3, 16, 16)}]
+    assert (tmp_path / "q.rejected.onnx").exists() and not (tmp_path / "q.onnx").exists()
+    assert "--no-speed-check" in str(e.value)
+    check = e.value.report["speed_check"]
+    assert check["passed"] is False and "not a built-in model family" in check["why"]
+    calls = _timed(monkeypatch, 1.6)
+    side = quantize(src, tmp_path / "q2.onnx", data=str(tmp_path / "d.npz"), mode="static")
+    assert side["speed_check"]["passed"] and side["speed_check"]["inputs"] == "the first data sample"
+    assert (tmp_path / "q2.onnx").exists()
+
+
+def test_quantize_does_not_time_a_built_in_family(tmp_path, monkeypatch):
+    """A model exported from a built-in (its INT8 speed-up measured in benchmarks/) is not timed
+    unless asked; --speed-check times it anyway."""
+    from onnxopt import export, quantize
+
+    export("digits-cnn", tmp_path / "m.onnx")
+    calls = _timed(monkeypatch, 0.5)
+    side = quantize(tmp_path / "m.onnx", tmp_path / "q.onnx", data="digits")
+    assert calls == [] and "speed_check" not in side
+    with pytest.raises(GateFailed, match="slower than its input"):
+        quantize(tmp_path / "m.onnx", tmp_path / "q2.onnx", data="digits", speed_check=True)
+    assert len(calls) == 1 and not (tmp_path / "q2.onnx").exists()
+
+
+def test_compare_counts_decisions_only_on_class_scores():
+    """Arg-max changes are the user's decisions where the last axis holds class scores: a CTC
+    recognizer's [T, 1, classes] frames, a classifier's rows. Not along a detector's anchors
+    ([1, 84, anchors]) nor across box coordinates beside probabilities ([1, anchors, 6])."""
+    rng = np.random.default_rng(0)
+    frames = rng.normal(0, 1, (40, 1, 30))
+    frames[np.arange(40), 0, rng.integers(0, 30, 40)] += 3
+    flipped = frames.copy()
+    flipped[:2, 0] = flipped[:2, 0, ::-1]  # two frames of 40 read another class
+    c = compare(Outputs(["logits"], [[frames]]), Outputs(["logits"], [[flipped]]))
+    assert c["outputs"][0]["channel_axis"] == 2
+    assert c["decisions_changed"] == pytest.approx(2 / 40) and c["decisions_changed_at"] == "logits"
+    anchors = rng.uniform(0, 1, (1, 84, 300))
+    assert "decisions_changed" not in compare(Outputs(["o"], [[anchors]]),
+                                              Outputs(["o"], [[anchors + rng.normal(0, .1, anchors.shape)]]))
+    boxes = np.concatenate([rng.uniform(0, 640, (1, 300, 4)), rng.uniform(0, 1, (1, 300, 2))], axis=2)
+    assert "decisions_changed" not in compare(Outputs(["o"], [[boxes]]), Outputs(["o"], [[boxes[..., ::-1]]]))
+
+
+def test_the_default_decision_gate_stands_aside_when_labels_judge():
+    from onnxopt.gates import Gates
+
+    q = {"decisions_changed": 0.05, "decisions_changed_at": "y", "bytes": 1}
+    default = Gates().for_variant()
+    assert [c["passed"] for c in default.check_quality(q) if c["gate"] == "max_decision_change"] == [False]
+    labelled = {**q, "accuracy": 0.9, "reference_accuracy": 0.9, "drop_points": 0.0}
+    assert not [c for c in default.check_quality(labelled) if c["gate"] == "max_decision_change"]
+    given = Gates(max_decision_change=0.01).for_variant()
+    assert [c["passed"] for c in given.check_quality(labelled) if c["gate"] == "max_decision_change"] == [False]
+    with pytest.raises(BadInput, match="max_decision_change"):
+        Gates(max_decision_change=2)

@@ -127,12 +127,12 @@ def test_relative_gate(outlier_case, tmp_path):
 def test_speed_check_refuses_a_slower_result(outlier_case, tmp_path, monkeypatch):
     import sys
 
-    qmod = sys.modules["onnxopt.quantize"]  # the package binds the name to the function
+    qmod = sys.modules["onnxopt.jobs"]
 
     src, data = outlier_case
     monkeypatch.setattr(qmod, "speed_ratio", lambda ref, new, feeds, **kw: {
         "reference_p50_ms": 1.0, "candidate_p50_ms": 2.0, "speedup": 0.5})
-    with pytest.raises(GateFailed, match="slower than the input") as e:
+    with pytest.raises(GateFailed, match="slower than its input") as e:
         quantize(src, tmp_path / "q.onnx", data=data, max_drop=1)  # the fallback turns the check on
     assert e.value.report["speed_check"]["passed"] is False
     monkeypatch.setattr(qmod, "speed_ratio", lambda ref, new, feeds, **kw: {
@@ -278,3 +278,21 @@ def test_gate_needs_class_scores(tmp_path):
     with pytest.raises(BadInput, match="class scores"):
         quantize(src, tmp_path / "q.onnx", data=str(tmp_path / "d.npz"), max_drop=1)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_fallback_without_labels_follows_the_default_gates(tmp_path):
+    """Unlabelled data and no --max-drop: the default per-channel and decision gates judge the
+    first try, and the fallback leaves nodes in float until they hold, as it does for accuracy."""
+    proto = make_outlier_mlp()
+    src = tmp_path / "mlp.onnx"
+    onnx.save(proto, src)
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32))
+    with pytest.raises(GateFailed, match="class decisions of output y change|y\\[channel"):
+        quantize(src, tmp_path / "nofb.onnx", data=str(tmp_path / "x.npz"), fallback=False)
+    side = quantize(src, tmp_path / "q.onnx", data=str(tmp_path / "x.npz"))
+    fb = side["fallback"]
+    assert fb["passed"] and set(fb["kept_float"]) == {"relu2", "mm2", "mm3"}
+    assert not fb["first_try"]["max_decision_change"] <= 0.01 or not fb["first_try"]["max_channel_error"] <= 0.25
+    assert {c["gate"]: c["passed"] for c in side["gates"]} == {"max_channel_error": True, "max_decision_change": True,
+                                                               "speed": True}
+    assert side["speed_check"]["why"].endswith("left in float by the fallback")

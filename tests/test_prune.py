@@ -250,11 +250,24 @@ def rel_err(a, b):
 
 
 def prune(proto, **kw):
+    """The pass on a tiny graph, unrounded (8-channel rounding would keep every channel of most of
+    these layers); test_default_rounds_to_8 checks the default."""
     kw.setdefault("calibration", feeds())
+    kw.setdefault("round_to", 1)
     res = PruneChannels(**kw)(irm(proto))
     out = ir.serde.serialize_model(res.model)
     onnx.checker.check_model(out, full_check=True)
     return out, res.stats
+
+
+def test_default_rounds_to_8():
+    """The default keeps multiples of 8 (ORT's CPU kernels run odd widths slowly): a 24-channel
+    layer cut by 30% keeps 16, never 17; a layer under 8 channels stays whole."""
+    from onnxopt.passes.prune import channels_to_keep
+
+    assert PruneChannels(reconstruct=False).round_to == 8
+    assert channels_to_keep(24, 0.3, 8) == 16 and channels_to_keep(24, 0.3, 1) == 17
+    assert channels_to_keep(6, 0.5, 8) == 6 and channels_to_keep(64, 0.3, 8) == 48
 
 
 def check_recovery(proto, f=None, **kw):
@@ -720,9 +733,9 @@ def test_prune_job_channels_npz(tmp_path):
     # Without an accuracy gate the per-channel tolerance judges: half of a random chain's channels
     # gone moves its outputs by about half their range -- refused, and written as rejected.
     with pytest.raises(GateFailed, match=r"y\[channel \d+\] errs by"):
-        prune_job(src, tmp_path / "small.onnx", data=str(tmp_path / "d.npz"))
+        prune_job(src, tmp_path / "small.onnx", data=str(tmp_path / "d.npz"), round_to=1)  # 8-channel layers
     assert (tmp_path / "small.rejected.onnx").exists() and not (tmp_path / "small.onnx").exists()
-    side = prune_job(src, tmp_path / "small.onnx", data=str(tmp_path / "d.npz"), max_drop=100)
+    side = prune_job(src, tmp_path / "small.onnx", data=str(tmp_path / "d.npz"), max_drop=100, round_to=1)
     s = side["prune"]
     assert s["reconstruct"] and s["params_ratio"] < 0.4 and s["bytes_after"] < s["bytes_before"]
     acc = side["verification"]["accuracy"]

@@ -99,7 +99,7 @@ def test_recipe_gate_failure_says_which(cnn_case, tmp_path):
 def test_run_steps_injects_calibration(cnn_case):
     src, data = cnn_case
     x = np.load(data)["x"]
-    out, recs = run_steps(onnx.load(src), [("prune-channels", {"amount": 0.5}), ("quant-preprocess", {}),
+    out, recs = run_steps(onnx.load(src), [("prune-channels", {"amount": 0.5, "round_to": 1}), ("quant-preprocess", {}),
                                            ("quantize-static", {})], calibration=[{"x": x}])
     assert [r["step"] for r in recs] == ["prune-channels", "quant-preprocess", "quantize-static"]
     assert recs[0]["stats"]["params_ratio"] < 0.8 and recs[0]["bytes_after"] < recs[0]["bytes_before"]

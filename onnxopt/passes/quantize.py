@@ -197,19 +197,25 @@ def _quant_stats(before: dict, model: ir.Model) -> dict:
 
 def _preprocess(src: Path, dst: Path) -> str:
     """``quant_pre_process`` (symbolic shape inference + ORT basic optimization + ONNX shape
-    inference); falls back to skipping symbolic shape inference, which fails on some graphs."""
+    inference); falls back to skipping symbolic shape inference, which fails on some graphs.
+
+    Runs with the working directory set to ``dst``'s folder: on some graphs ORT's symbolic shape
+    inference writes ``sym_shape_infer_temp.onnx`` and a ``<uuid>.data`` file into the current
+    directory and leaves them there (seen on ddddocr and silero-vad files)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            quant_pre_process(str(src), str(dst))
-        return "quant_pre_process"
-    except Exception as e:  # symbolic shape inference raises many kinds
-        logger.warning("quant_pre_process failed (%s); retrying without symbolic shape inference",
-                       first_line(e, 120))
-        with contextlib.redirect_stdout(io.StringIO()):
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
-        return "quant_pre_process (without symbolic shape inference)"
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with contextlib.chdir(dst.parent):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                quant_pre_process(str(src), str(dst))
+            return "quant_pre_process"
+        except Exception as e:  # symbolic shape inference raises many kinds
+            logger.warning("quant_pre_process failed (%s); retrying without symbolic shape inference",
+                           first_line(e, 120))
+            with contextlib.redirect_stdout(io.StringIO()):
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            return "quant_pre_process (without symbolic shape inference)"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ plain quantizers beside) is benchmarks/realworld.py; CI runs the default `quanti
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 KNOWN = {("silero-vad-op15", "quantize"): "ORT quantizer breaks an outer-scope If output"}
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
+def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxopt.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=900, cwd=ROOT)
+                          timeout=900, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.mark.slow
@@ -36,8 +37,12 @@ def test_command_is_right_or_refuses(key, command, realworld_cache, tmp_path):
     if (key, command) in KNOWN:
         pytest.xfail(KNOWN[(key, command)])
     npz = corpus.recorded(key, realworld_cache)
-    out = tmp_path / "variant.onnx"
-    p = _cli(command, entry.path(), "--data", npz, "-o", out)
+    out = tmp_path / "out" / "variant.onnx"
+    out.parent.mkdir()
+    cwd = tmp_path / "cwd"  # onnxopt (and the ORT tools it calls) must leave nothing in the cwd
+    cwd.mkdir()
+    p = _cli(command, entry.path(), "--data", npz, "-o", out, cwd=cwd)
+    assert not list(cwd.iterdir()), f"files left in the working directory: {sorted(cwd.iterdir())}"
     assert "Traceback" not in p.stderr, p.stderr[-3000:]
     assert p.returncode in (0, 2, 3), p.stderr[-3000:]
     if p.returncode == 0:
