@@ -258,6 +258,8 @@ def evaluate_variants(reference: Path, candidates: list[dict], *, data=None, gat
     """Build every candidate from ``reference``, check quality gates, time the survivors side by
     side, choose the fastest that holds every gate. Writes variants, report.json/md/html to ``out``."""
     gates = gates or Gates()
+    if gates.active():  # a gated search holds its variants to what every variant job holds
+        gates = gates.for_variant()
     settings = settings or BenchSettings(batches=(1,), duration=2.0, memory=False)
     out = Path(out)
     ctx = _context(Path(reference), data, gates, out, preprocess, cache)

@@ -367,3 +367,42 @@ def test_the_default_decision_gate_stands_aside_when_labels_judge():
     assert [c["passed"] for c in given.check_quality(labelled) if c["gate"] == "max_decision_change"] == [False]
     with pytest.raises(BadInput, match="max_decision_change"):
         Gates(max_decision_change=2)
+
+
+def test_an_ort_tool_that_misorders_an_if_reading_the_outer_scope_is_sorted():
+    """ORT's tools order nodes by explicit inputs only: an If whose branch reads an outer-scope
+    value may be written before that value's producer (silero-vad's opset-15 file after
+    quantization). ORT runs it; onnx.checker refuses it; via_ort gives it back sorted."""
+    import onnx_ir as ir
+
+    from onnxopt.passes._ort import via_ort
+
+    branch = helper.make_graph([helper.make_node("Identity", ["r"], ["b"])], "then", [],
+                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, [2])])
+    other = helper.make_graph([helper.make_node("Neg", ["r"], ["c"])], "else", [],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [2])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=other)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                                           helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+
+    def misorder(src, dst, work):
+        m = onnx.load(str(src))
+        reordered = list(reversed(m.graph.node))
+        del m.graph.node[:]
+        m.graph.node.extend(reordered)
+        with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+            onnx.checker.check_model(m)
+        onnx.save(m, str(dst))
+
+    new, _ = via_ort(ir.serde.deserialize_model(model), misorder)
+    out = ir.serde.serialize_model(new)
+    onnx.checker.check_model(out)
+    assert [n.op_type for n in out.graph.node] == ["Relu", "If"]
+    x = np.array([-1.0, 2.0], np.float32)
+    got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x, "cond": np.array(False)})[0]
+    np.testing.assert_array_equal(got, [-0.0, -2.0])

@@ -45,4 +45,11 @@ def via_ort(model: ir.Model, tool: Callable[[Path, Path, Path], Any], *, where: 
         if not dst.exists():
             raise BadInput(where, "the ONNX Runtime tool wrote no model")  # pragma: no cover
         proto = onnx.load_model(str(dst))  # loads any external data while the folder exists
-        return ir.serde.deserialize_model(proto), extra
+        new = ir.serde.deserialize_model(proto)
+        if any(a.type == onnx.AttributeProto.GRAPH for n in proto.graph.node for a in n.attribute):
+            # ORT's tools order nodes by their explicit inputs only: an If whose branches read an
+            # outer-scope value can land before that value's producer (seen on silero-vad's opset-15
+            # file after quantization). ORT runs it, onnx.checker does not; onnx-ir's sort counts
+            # the subgraphs' outer-scope reads.
+            new.graph.sort()
+        return new, extra

@@ -288,6 +288,9 @@ def main(argv=None) -> None:
                     help="where recorded feeds are kept (default: %(default)s)")
     ap.add_argument("--key", action="append", help="only these entries")
     args = ap.parse_args(argv)
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)  # its shape warnings go to stdout, into the tables
     rows = [row(e, args.cache) for e in corpus.ENTRIES if not args.key or e.key in args.key]
     print("### Files\n")
     print(_table(rows, [("key", "key"), ("package", "package"), ("file", "file"), ("size", "size"),
