@@ -73,7 +73,12 @@ def simplify_summary(side: dict, output) -> str:
     fus = ", ".join(f"{k} {v}" for k, v in sorted((st.get("fusions") or {}).items()) if v) or "none"
     if st.get("residual_add_as_sum"):
         fus += f"; {st['residual_add_as_sum']} residual Add kept apart from LayerNorm (as Sum)"
-    return f"{output}: nodes {st.get('nodes_before')} -> {st.get('nodes_after')}; fusions: {fus}"
+    line = f"{output}: nodes {st.get('nodes_before')} -> {st.get('nodes_after')}; fusions: {fus}"
+    bis = side["steps"][-1].get("bisect")
+    if bis:
+        line += (f"\nbisected: with every ORT optimizer on, {bis['problem']}; written without "
+                 f"{', '.join(bis['disabled'])} ({bis['tries']} tries)")
+    return line
 
 
 def apply_summary(side: dict, output) -> str:

@@ -285,3 +285,69 @@ def test_an_already_fused_transformer_is_still_a_transformer():
     assert is_tf and "input_ids" in why
     y = _run(model, {"input_ids": np.random.default_rng(0).integers(0, 30, (2, 5)).astype(np.int64)})
     assert y.shape == (2, 5, 8)
+
+
+def _conv_bn(opset: int = 13) -> onnx.ModelProto:
+    """x[batch,3,8,8] -> Conv -> BatchNormalization -> Relu -> y: ORT's ConvBNFusion folds the BN."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+              "scale": rng.uniform(0.5, 2, 4).astype(np.float32), "bias": rng.standard_normal(4).astype(np.float32),
+              "mean": rng.standard_normal(4).astype(np.float32), "var": rng.uniform(0.5, 2, 4).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["b"], name="bn"),
+             helper.make_node("Relu", ["b"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+                              [numpy_helper.from_array(a, n) for n, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_simplification_that_changes_outputs_is_bisected_to_the_ort_optimizer(tmp_path, monkeypatch):
+    """When a simplified model fails its verification, the job finds which of ORT's optimizers did
+    it (here, by a stand-in judge: ConvBNFusion "breaks" the model), writes the result without
+    it, and says so in the step record. ORT's names are the ones disabled_optimizers takes."""
+    import importlib
+
+    from onnxopt import simplify
+
+    apply_mod = importlib.import_module("onnxopt.apply")  # the module: the package binds apply() to the name
+    src = tmp_path / "cnn.onnx"
+    onnx.save(_conv_bn(), src)
+    real = apply_mod._Job.run
+
+    def judged(self, settings):
+        out, recs, ver, problem = real(self, settings)
+        if "BatchNormalization" not in {n.op_type for n in out.graph.node}:
+            problem = "stand-in: the BN was fused"
+        return out, recs, ver, problem
+
+    monkeypatch.setattr(apply_mod._Job, "run", judged)
+    side = simplify(src, tmp_path / "s.onnx")
+    step = side["steps"][-1]
+    assert step["bisect"]["disabled"] == ["ConvBNFusion"] and step["bisect"]["minimal"]
+    assert 2 <= step["bisect"]["tries"] <= apply_mod.BISECT_TRIES
+    assert list(step["settings"]["disable"]) == ["ConvBNFusion"]
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "s.onnx")).graph.node}
+    assert "BatchNormalization" in ops
+
+    def always(self, settings):  # the outputs change whatever is disabled: nothing to bisect
+        out, recs, ver, _ = real(self, settings)
+        return out, recs, ver, "stand-in: always"
+
+    monkeypatch.setattr(apply_mod._Job, "run", always)
+    side = simplify(src, tmp_path / "t.onnx")  # the stand-in problem is not a gate: written as before
+    assert "bisect" not in side["steps"][-1]
+
+
+def test_disable_option_reaches_ort():
+    proto = _conv_bn()
+    fused = Simplify()(ir.serde.deserialize_model(proto)).stats["ops_after"]
+    kept = Simplify(disable=("ConvBNFusion",))(ir.serde.deserialize_model(proto)).stats
+    assert "BatchNormalization" not in fused and kept["ops_after"].get("BatchNormalization") == 1
+    assert kept["disabled"] == ["ConvBNFusion"]
+    with pytest.raises(BadInput, match="--disable"):
+        Simplify(disable=("not a name",))

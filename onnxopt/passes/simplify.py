@@ -30,12 +30,34 @@ from ..options import option
 from ._common import OnnxoptPass, PassResult, looks_like_transformer, op_counts
 from ._ort import via_ort
 
-__all__ = ["Simplify", "LEVELS", "TRANSFORMER_MODES", "detect_heads_hidden"]
+__all__ = ["Simplify", "LEVELS", "TRANSFORMER_MODES", "detect_heads_hidden", "ort_optimizers"]
 
 logger = logging.getLogger(__name__)
 
 LEVELS = ("basic", "extended")
 TRANSFORMER_MODES = ("auto", "bert", "none")
+
+# The names ONNX Runtime gives its graph optimizers and rewrite rules (core/optimizer/
+# graph_transformer_utils.cc, 1.2x), which SessionOptions' ``disabled_optimizers`` takes: what a
+# simplification that changes the outputs is bisected over. ORT ignores a name it lacks.
+_ORT_BASIC = ("EliminateIdentity", "EliminateSlice", "UnsqueezeElimination", "EliminateDropout", "ExpandElimination",
+              "CastElimination", "PreShapeNodeElimination", "NoopElimination", "DivMulFusion", "FuseReluClip",
+              "GemmSumFusion", "GemmTransposeFusion", "NotWhereFusion", "ConvAddFusion", "ConvMulFusion",
+              "ConvBNFusion", "PadFusion", "MatmulBNFusion", "LabelEncoderFusion", "DoubleQDQPairsRemover",
+              "ConstantSharing", "CommonSubexpressionElimination", "ConstantFolding", "MatMulAddFusion",
+              "ReshapeFusion", "GeluFusion", "LayerNormFusion", "QDQPropagationTransformer",
+              "WeightBiasQuantization", "TransposeOptimizer")
+_ORT_EXTENDED = ("ClipQuantFusion", "ReluQuantFusion", "QDQS8ToU8Transformer", "QDQSelectorActionTransformer",
+                 "GemmActivationFusion", "MatMulIntegerToFloatFusion", "DynamicQuantizeMatMulFusion",
+                 "ConvActivationFusion", "SimplifiedLayerNormFusion", "AttentionFusion", "EmbedLayerNormFusion",
+                 "GatherSliceToSplitFusion", "GatherToSliceFusion", "MatmulTransposeFusion", "BiasGeluFusion",
+                 "SkipLayerNormFusion", "FastGeluFusion", "QuickGeluFusion", "BiasSoftmaxFusion",
+                 "MatMulScaleFusion", "MatMulNBitsFusion", "QDQFinalCleanupTransformer")
+
+
+def ort_optimizers(level: str) -> tuple[str, ...]:
+    """The ORT optimizer names that run at ``level`` (basic | extended)."""
+    return _ORT_BASIC + (_ORT_EXTENDED if level == "extended" else ())
 
 
 def _const(value: ir.Value | None):
@@ -201,6 +223,8 @@ class Simplify(OnnxoptPass):
     skip_layer_norm: bool = option(True, "Fuse residual Add + LayerNorm into SkipLayerNormalization (best on "
                                    "CUDA; ORT's CPU kernel is slower than the two ops, so --no-skip-layer-norm "
                                    "keeps them apart in a file for CPUs).")
+    disable: tuple[str, ...] = option((), "An ONNX Runtime optimizer to leave out, by ORT's name, e.g. ConvBNFusion "
+                                      "(repeatable; the simplify job finds them itself when the outputs change).")
 
     def __post_init__(self):
         check_choice(self.level, LEVELS, "--level",
@@ -211,6 +235,10 @@ class Simplify(OnnxoptPass):
             raise BadInput("--num-heads", "num_heads and hidden_size must be >= 0 (0 = detect)")
         if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:
             raise BadInput("--hidden-size", f"{self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        object.__setattr__(self, "disable", tuple(sorted(set(self.disable))))
+        for name in self.disable:
+            if not isinstance(name, str) or not name.isidentifier():
+                raise BadInput("--disable", f"{name!r} is not an ONNX Runtime optimizer name")
 
     def call(self, model: ir.Model) -> PassResult:
         before = op_counts(model)
@@ -221,6 +249,8 @@ class Simplify(OnnxoptPass):
         else:
             is_tf, why = looks_like_transformer(model)
         stats: dict = {"level": self.level, "transformer": is_tf, "transformer_why": why}
+        if self.disable:
+            stats["disabled"] = list(self.disable)
         if is_tf:
             heads, hidden = detect_heads_hidden(model)
             heads, hidden = self.num_heads or heads, self.hidden_size or hidden
@@ -248,7 +278,8 @@ class Simplify(OnnxoptPass):
                                          else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         opts.optimized_model_filepath = str(dst)
         try:
-            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+            ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"],
+                                 disabled_optimizers=list(self.disable))
         except Exception as e:
             raise BadInput("simplify", f"ONNX Runtime cannot load the model: {str(e).strip()[:200]}") from None
 
