@@ -48,13 +48,17 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    path = check_writable(path)
+    folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInput(str(folder), f"cannot create the output folder ({e.strerror})") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        # the temp name stays short: a name near the filesystem's limit must fail on its own
+        fd, tmp = tempfile.mkstemp(prefix=".onnxopt.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise BadInput(str(path), f"cannot write into {folder} ({e.strerror})") from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -64,12 +68,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            raise BadInput(str(path), f"cannot be written ({e.strerror or type(e).__name__})") from None
         raise
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """``path`` as a place a file can be written, or a one-line BadInput naming the problem:
+    empty, an existing folder, a file name over the filesystem's limit."""
+    text = os.fspath(path)
+    if not str(text).strip():
+        raise BadInput("-o/--output", "is empty", "name the file to write")
+    path = Path(text)
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        limit = os.pathconf(folder if folder.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    n = len(os.fsencode(path.name))
+    if n > limit - 24:  # room for the .rejected and .onnxopt.json names beside it
+        raise BadInput(str(path)[:100] + ("..." if len(str(path)) > 100 else ""),
+                       f"the file name is too long ({n} bytes; this filesystem takes {limit}, and the "
+                       f"sidecar's name needs {limit - 24} or fewer)", "use a shorter name")
+    try:
+        is_dir = path.is_dir()
+    except OSError as e:
+        raise BadInput(str(path), f"cannot be written ({e.strerror})") from None
+    if is_dir:
+        raise BadInput(str(path), "is a folder, not a file name", "name the file to write inside it")
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

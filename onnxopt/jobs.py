@@ -8,13 +8,14 @@ The steps themselves run through :func:`onnxopt.runner.run_steps`; a job only de
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from .artifact import lineage, save_model
+from .artifact import check_writable, lineage, save_model
 from .bench import speed_ratio
 from .errors import BadInput, InternalError, VerificationFailed
 from .evaluate import Outputs, compare, predict_all
@@ -24,7 +25,7 @@ from .options import option
 from .runtime import make_session, run
 
 __all__ = ["DataOptions", "calibration_data", "eval_data", "sidecar_dataset", "verify_variant", "judge",
-           "write_variant", "job_gates", "rejected_path", "speed_check", "SLOWER_THAN_REFERENCE"]
+           "write_variant", "job_gates", "rejected_path", "speed_check", "SLOWER_THAN_REFERENCE", "check_output"]
 
 PREPROCESS = ("imagenet", "unit", "raw")
 # A variant timed at less than this speed-up over its input is refused as slower (5% for noise).
@@ -233,6 +234,22 @@ def speed_check(reference: onnx.ModelProto, candidate: onnx.ModelProto, eval_ds:
              "what": (f"the variant is slower than its input: {speed['candidate_p50_ms']:.3g} ms vs "
                       f"{speed['reference_p50_ms']:.3g} ms median ({speed['speedup']:.2f}x) on {inputs}")}
     return speed, check
+
+
+def check_output(output, model_path) -> Path:
+    """Refuse, before any work, an output the job must not or cannot write: empty, a folder, a
+    name too long, or the input model itself (the same file, through links too), whose original
+    would be lost. Returns the output as a Path."""
+    out = check_writable(output)
+    for target in (out, rejected_path(out)):
+        try:
+            same = target.exists() and os.path.samefile(target, model_path)
+        except OSError:
+            same = False
+        if same:
+            raise BadInput(str(output), f"is the input model {model_path}: writing it would destroy the original",
+                           "write the result to another file")
+    return out
 
 
 def rejected_path(output) -> Path:

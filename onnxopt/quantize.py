@@ -28,7 +28,8 @@ from .errors import BadInput, first_line
 from .evaluate import predict_all
 from .feeds import Dataset
 from .gates import Gates, gate_data, measure
-from .jobs import DataOptions, calibration_data, eval_data, job_gates, speed_check, verify_variant, write_variant
+from .jobs import (DataOptions, calibration_data, check_output, eval_data, job_gates, speed_check, verify_variant,
+                   write_variant)
 from .options import build, check_choices, option, split
 from .passes import QuantizeStatic, choose_mode
 from .passes._common import looks_like_transformer, op_counts, refuse_quantized
@@ -273,6 +274,7 @@ def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
     when a gate or the speed check fails. Returns the output's sidecar dict.
     """
     job, data, gates, static = _parse(options)
+    check_output(output, model_path)
     proto = load_model(model_path)
     prev = read_sidecar(model_path)
     model = ir.serde.deserialize_model(proto)

@@ -1,0 +1,96 @@
+"""Bad inputs, as a careless or hostile user gives them: each is one `error:` line with the right
+exit code, no traceback, nothing left behind, the input unchanged. Hostile files are generated
+here; none is committed.
+
+Output paths (this file's first part): the input as its own output (also through a hard link or
+a symbolic link), a folder, an empty name, a name over the filesystem's limit, a folder that
+cannot be created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_mlp
+from onnxopt.cli import main
+
+COMMANDS = {  # a command that writes a variant of the input, with what it needs
+    "simplify": ["simplify"],
+    "quantize": ["quantize", "--mode", "dynamic", "--no-speed-check"],
+    "prune": ["prune", "--method", "magnitude", "--amount", "0.5"],
+}
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "in" / "m.onnx"
+    path.parent.mkdir()
+    onnx.save(make_mlp(), path)
+    return path
+
+
+def _run(args, cwd) -> tuple[int, list[str], str]:
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(main, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+    err = res.stderr if hasattr(res, "stderr") else res.output
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += f"\n{type(res.exception).__name__}: {res.exception}"  # an uncaught exception: a traceback
+    return res.exit_code, [ln for ln in err.splitlines() if ln.startswith("error:")], err
+
+
+def _assert_refused(code, lines, err, *, exit_code=2, says=""):
+    assert code == exit_code, err
+    assert len(lines) == 1 and len(lines[0]) < 300 and "Traceback" not in err and "Error:" not in err, err
+    assert says in lines[0], lines[0]
+
+
+def _files(folder) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("how", ["same path", "hard link", "symbolic link", "relative path"])
+def test_the_input_is_never_its_own_output(model, tmp_path, command, how):
+    before, listing = _digest(model), _files(model.parent)
+    target = model
+    if how == "hard link":
+        target = tmp_path / "in" / "hard.onnx"
+        os.link(model, target)
+    elif how == "symbolic link":
+        target = tmp_path / "in" / "soft.onnx"
+        target.symlink_to(model)
+    elif how == "relative path":
+        target = "m.onnx"
+    listing = _files(model.parent)
+    code, lines, err = _run([*COMMANDS[command][:1], model, *COMMANDS[command][1:], "-o", target], model.parent)
+    _assert_refused(code, lines, err, says="is the input model")
+    assert _digest(model) == before and _files(model.parent) == listing
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_output_paths_that_cannot_be_written(model, tmp_path, command):
+    cases = {
+        "a folder": (tmp_path / "in", "is a folder"),
+        "empty": ("", "is empty"),
+        "too long": (tmp_path / ("x" * 300 + ".onnx"), "too long"),
+        "under a file": (model / "sub" / "out.onnx", "cannot create the output folder"),
+        "in /proc": ("/proc/onnxopt-no-such-dir/out.onnx", "cannot create the output folder"),
+    }
+    listing = _files(tmp_path)
+    for name, (out, says) in cases.items():
+        code, lines, err = _run([*COMMANDS[command][:1], model, *COMMANDS[command][1:], "-o", out], tmp_path)
+        _assert_refused(code, lines, err, says=says)
+        assert _files(tmp_path) == listing, name
