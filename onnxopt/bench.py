@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -59,8 +60,8 @@ class BenchSettings:
             raise BadInput("--threads", "thread counts must be >= 1")
         for p in self.providers:
             check_choice(p, ("auto", "cpu", "cuda"), "--provider")
-        if self.duration <= 0:
-            raise BadInput("--duration", "must be > 0 seconds")
+        if not (isinstance(self.duration, (int, float)) and math.isfinite(self.duration) and self.duration > 0):
+            raise BadInput("--duration", f"must be a number of seconds > 0, got {self.duration!r}")
         if self.warmup < 0 or self.min_rounds < 1:
             raise BadInput("--warmup", "warm-up must be >= 0 and rounds >= 1")
         if self.seq < 1:

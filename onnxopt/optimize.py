@@ -10,6 +10,7 @@ timed side by side, and the fastest one that holds the gates is written as ``out
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 from .artifact import lineage, load_model, read_sidecar, save_model, write_json, write_text
@@ -67,6 +68,11 @@ def optimize(
     gates = gates or Gates.from_options(gate_options)
     if search is None:
         search = bool(gates.active())
+    elif not search and gates.active():
+        raise BadInput("--no-search", f"a gate is given (--{next(iter(gates.active())).replace('_', '-')}) but "
+                       "only a search checks it", "drop --no-search, or the gate")
+    if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
+        raise BadInput("--budget", f"must be a number of seconds > 0, got {budget_s!r}")
     settings = settings or BenchSettings(batches=(1, 8), duration=2.0)
     if is_onnx_path(model):
         src = Path(model)

@@ -148,6 +148,12 @@ def prune_onnx(model_path: str | Path, output: str | Path, **options) -> dict:
 
 
 def _step(job: PruneSettings, channel: dict, masks: dict, has_data: bool) -> Step:
+    if masks.get("threshold") is not None and channel.get("amount") is not None:
+        raise BadInput("--threshold", "and --amount both say how much to prune", "give one of them")
+    if masks.get("threshold") is not None and job.method != "magnitude":
+        raise BadInput("--threshold", f"applies to --method magnitude, not {job.method}")
+    if job.method == "nm" and channel.get("amount") is not None:
+        raise BadInput("--amount", "does not apply to --method nm: N:M sets the sparsity", "use --n and --m")
     if job.method == "channel":
         reconstruct = job.reconstruct
         if reconstruct is None:

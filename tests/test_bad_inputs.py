@@ -94,3 +94,24 @@ def test_output_paths_that_cannot_be_written(model, tmp_path, command):
         code, lines, err = _run([*COMMANDS[command][:1], model, *COMMANDS[command][1:], "-o", out], tmp_path)
         _assert_refused(code, lines, err, says=says)
         assert _files(tmp_path) == listing, name
+
+
+# ---- options that contradict each other or are not numbers ----------------------------------
+
+@pytest.mark.parametrize("args,says", [
+    (["bench", "{m}", "--duration", "nan"], "--duration"),
+    (["bench", "{m}", "--duration", "inf"], "--duration"),
+    (["bench", "{m}", "--duration", "-1"], "--duration"),
+    (["optimize", "{m}", "--no-search", "--max-drop", "0.5"], "--no-search"),
+    (["optimize", "{m}", "--min-cosine", "0.9", "--budget", "-5"], "--budget"),
+    (["optimize", "{m}", "--min-cosine", "0.9", "--budget", "nan"], "--budget"),
+    (["prune", "{m}", "-o", "{o}", "--method", "magnitude", "--threshold", "0.1", "--amount", "0.3"], "--threshold"),
+    (["prune", "{m}", "-o", "{o}", "--method", "channel", "--threshold", "0.1"], "--threshold"),
+    (["prune", "{m}", "-o", "{o}", "--method", "nm", "--amount", "0.3"], "--amount"),
+])
+def test_contradicting_or_non_numeric_options(model, tmp_path, args, says):
+    out = tmp_path / "out" / "v.onnx"
+    args = [a.format(m=model, o=out) for a in args]
+    code, lines, err = _run(args, tmp_path)
+    _assert_refused(code, lines, err, says=says)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "optimize").exists()
