@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from pathlib import Path
 
 from .artifact import load_model
 from .bench import BenchSettings
-from .errors import BadInput
+from .errors import BadInput, first_line
 from .gates import Gates
 from .runner import make_pass
 from .search import evaluate_variants, raise_if_none, search
@@ -34,10 +35,20 @@ TARGET_KEYS = {"provider", "threads", "batch", "duration"}
 GATE_KEYS = {f.name for f in dataclasses.fields(Gates)}
 
 
+# A recipe is a page of YAML: more aliases than this is an alias bomb ("billion laughs"), whose
+# expansion (or a walk of it) takes minutes from a few hundred bytes.
+MAX_ALIASES = 32
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def _yaml_nodes(text: str, path: str):
     import yaml
 
     try:
+        aliases = sum(isinstance(ev, yaml.AliasEvent) for ev in yaml.parse(text))
+        if aliases > MAX_ALIASES:
+            raise BadInput(path, f"uses {aliases} YAML aliases (at most {MAX_ALIASES}): it expands to far more "
+                           "than it says", "write the values out")
         return yaml.compose(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -71,10 +82,21 @@ def load_recipe(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BadInput(str(path), "no such recipe file")
-    text = path.read_text()
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise BadInput(str(path), f"is {path.stat().st_size:,} bytes; a recipe is a page of YAML or JSON")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(str(path), "is not a text file (not UTF-8): a recipe is YAML or JSON") from None
     node = _yaml_nodes(text, str(path))
     lines = _lines(node)
-    raw = yaml.safe_load(text)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:  # e.g. a !!python/object tag: never constructed, refused
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise BadInput(where, f"cannot be read as plain data ({first_line(getattr(e, 'problem', None) or e, 120)})",
+                       "recipes hold only strings, numbers, lists and mappings") from None
 
     def err(key: str, problem: str, hint: str | None = None):
         line = lines.get(key)
@@ -92,6 +114,13 @@ def load_recipe(path: str | Path) -> dict:
     unknown(raw, RECIPE_KEYS, "")
     if "model" not in raw:
         raise BadInput(str(path), "has no 'model' key", "name a built-in model, a factory or an .onnx file")
+    for key in ("model", "data", "out", "preprocess"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise err(key, f"must be a string, got {type(raw[key]).__name__} {str(raw[key])[:40]!r}")
+    budget = raw.get("budget_s")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget <= 0):
+        raise err("budget_s", f"must be a number of seconds > 0, got {str(budget)[:40]!r}")
     if "steps" in raw and "search" in raw:
         raise err("search", "a recipe has either steps or search, not both")
     target = raw.get("target") or {}

@@ -115,3 +115,47 @@ def test_contradicting_or_non_numeric_options(model, tmp_path, args, says):
     code, lines, err = _run(args, tmp_path)
     _assert_refused(code, lines, err, says=says)
     assert not (tmp_path / "out").exists() and not (tmp_path / "optimize").exists()
+
+
+# ---- recipes ------------------------------------------------------------------------------------
+
+def _bomb(levels: int) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        prev = f"*a{i - 1}"
+        lines.append(f"a{i}: &a{i} [{', '.join([prev] * 9)}]")
+    return "model: m.onnx\nsteps: [simplify]\ngates:\n  " + "\n  ".join(lines) + "\n"
+
+
+RECIPES = {
+    "python tag": ("model: !!python/object/apply:os.system ['echo hacked']\nsteps: [simplify]\n", "plain data"),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", "not a text file"),
+    "budget as words": ("model: {m}\nsteps: [simplify]\nbudget_s: ten minutes\n", "budget_s"),
+    "negative budget": ("model: {m}\nsearch: auto\ngates: {{min_cosine: 0.9}}\nbudget_s: -5\n", "budget_s"),
+    "nan budget": ("model: {m}\nsearch: auto\ngates: {{min_cosine: 0.9}}\nbudget_s: .nan\n", "budget_s"),
+    "model a number": ("model: 42\nsteps: [simplify]\n", "model: must be a string"),
+    "model a list": ("model: [a, b]\nsteps: [simplify]\n", "must be a string"),
+    "alias bomb 9 levels": (_bomb(9), "aliases"),
+    "duration as words": ("model: {m}\nsteps: [simplify]\ntarget: {{duration: soon}}\n", "target"),
+    "gate as words": ("model: {m}\nsteps: [simplify]\ngates: {{min_cosine: high}}\n", "min_cosine"),
+    "not a mapping": ("- just\n- a list\n", "mapping"),
+    "empty": ("", "mapping"),
+    "bad yaml": ("model: [unclosed\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPES))
+def test_bad_recipes_are_one_line_before_any_work(model, tmp_path, case):
+    import time
+
+    body, says = RECIPES[case]
+    recipe = tmp_path / "r.yaml"
+    if isinstance(body, bytes):
+        recipe.write_bytes(body)
+    else:
+        recipe.write_text(body.format(m=model))
+    t0 = time.perf_counter()
+    code, lines, err = _run(["run", recipe, "-o", tmp_path / "out"], tmp_path)
+    assert time.perf_counter() - t0 < 10, "validation must not expand the recipe"
+    _assert_refused(code, lines, err, says=says)
+    assert not (tmp_path / "out").exists()
