@@ -6,7 +6,11 @@ CLI (``onnxopt ...``) calls these same functions.
 
 from __future__ import annotations
 
-from ._version import __version__  # noqa: F401
+from ._startup import quiet_interrupts_while_loading as _quiet  # noqa: E402 -- first: covers the imports below
+
+_quiet()
+
+from ._version import __version__  # noqa: F401,E402
 
 # The API functions share their modules' names (onnxopt.export is the function; the module is
 # reachable as `from onnxopt.export import ...`). Binding them eagerly keeps the function from

@@ -26,8 +26,16 @@ class _Group(click.Group):
     wrong -- and any other exception are bugs: full traceback, exit 1."""
 
     def invoke(self, ctx):
+        from ._startup import INTERRUPTED_EXIT, restore_interrupts
+
+        restore_interrupts()
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # every output is written to a temp file and renamed, temp folders are context managers:
+            # an interrupt leaves nothing half-written
+            click.echo("error: interrupted; nothing was left half-written", err=True)
+            ctx.exit(INTERRUPTED_EXIT)
         except InternalError:
             raise  # click prints the traceback of an uncaught exception and exits 1
         except OnnxoptError as e:

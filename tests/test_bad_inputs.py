@@ -159,3 +159,37 @@ def test_bad_recipes_are_one_line_before_any_work(model, tmp_path, case):
     assert time.perf_counter() - t0 < 10, "validation must not expand the recipe"
     _assert_refused(code, lines, err, says=says)
     assert not (tmp_path / "out").exists()
+
+
+# ---- Ctrl-C ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("after_s", [0.2, 0.7, 1.5, 3.0, 5.0])
+def test_ctrl_c_at_any_moment_is_one_line_and_leaves_nothing(model, tmp_path, after_s):
+    """While the package loads, while it calibrates, while it writes: one line, exit 130 (or
+    the command finished first: exit 0 and a whole model), never a traceback or a temp file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    out = tmp_path / "out" / "q.onnx"
+    data = model.parent / "x.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32))
+    p = subprocess.Popen([sys.executable, "-m", "onnxopt.cli", "quantize", str(model), "-o", str(out),
+                          "--mode", "static", "--data", str(data), "--no-speed-check"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(after_s)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    left = sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*") if f.is_file() and "in" not in f.parts)
+    assert not [f for f in left if f.endswith(".tmp")], left
+    if p.returncode in (0, -signal.SIGINT):  # done before the signal, or it came while the interpreter exited
+        assert "Traceback" not in err and ("error:" not in err or p.returncode != 0), err
+        assert left in ([], ["out/q.onnx", "out/q.onnxopt.json"]), left
+    else:
+        assert p.returncode == 130, err
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert lines == [lines[0]] and "interrupted" in lines[0] and "Traceback" not in err, err
+        assert left == [], left
