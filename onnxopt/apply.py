@@ -15,7 +15,8 @@ from ._version import __version__
 from .artifact import load_model, read_sidecar
 from .errors import VerificationFailed
 from .gates import Gates
-from .jobs import DataOptions, calibration_data, check_output, eval_data, job_gates, verify_variant, write_variant
+from .jobs import (DataOptions, calibration_data, check_output, check_runs, eval_data, job_gates, verify_variant,
+                   write_variant)
 from .options import build, split
 from .runner import Step, calibration_feeds, make_pass, needs_calibration, registry, run_steps
 
@@ -46,6 +47,7 @@ def _apply(pass_name: str, model_path, output, options: dict, label: str | None 
     gates = job_gates(gate_opts)
     check_output(output, model_path)
     job = _Job(pass_name, label or pass_name, load_model(model_path), gates, min_random_cosine)
+    check_runs(job.proto, model_path)
     prev = read_sidecar(model_path)
     job.task = (prev or {}).get("task")
     job.eval_ds = eval_data(data.data, job.proto, prev, data.preprocess)

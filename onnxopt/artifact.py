@@ -150,6 +150,13 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if not model.HasField("graph") or not model.opset_import:
         raise BadInput(str(p), "is not an ONNX model (no graph or no opset in it)",
                        "is the file truncated or not a model at all?")
+    if not model.graph.output:
+        raise BadInput(str(p), "declares no outputs: there is nothing to run or compare")
+    main_opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    newest = onnx.defs.onnx_opset_version()
+    if main_opset > newest:
+        raise BadInput(str(p), f"declares opset {main_opset}, newer than any this onnx {onnx.__version__} knows "
+                       f"(up to {newest})", f"export it at opset {newest} or lower")
     try:
         if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
             onnx.load_external_data_for_model(model, str(p.parent))

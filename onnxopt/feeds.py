@@ -168,6 +168,31 @@ class ShapePlan:
         return out
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (Linux: MemAvailable), else the
+    physical memory; 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def check_memory(need: int, where: str, what: str, share: float = 0.5) -> None:
+    """Refuse, before allocating, ``what`` needing ``need`` bytes when that is over ``share`` of
+    the memory available (numpy would die with a traceback, or the machine would swap)."""
+    avail = available_memory()
+    if avail and need > share * avail:
+        raise BadInput(where, f"{what} would take {need / 2**30:.1f} GiB; this machine has {avail / 2**30:.1f} GiB "
+                       "available", "pass real inputs with --data, or a smaller --batch")
+
+
 def random_feeds(
     model: onnx.ModelProto,
     batch: int = 1,
@@ -195,6 +220,7 @@ def random_feeds(
         raise BadInput(where, f"has a fixed batch of {fixed} (axis 0 of every input); cannot run it at batch {batch}",
                        f"use --batch {fixed}" if isinstance(fixed, int) and fixed > 0 else "")
     feeds: dict[str, np.ndarray] = {}
+    total = 0
     for inp in sig["inputs"]:
         name = inp["name"]
         if inp["dtype"] is None or not inp.get("has_shape", True):
@@ -202,6 +228,8 @@ def random_feeds(
                            "made for it", "pass real inputs with --data")
         shape = plan.shape(inp)
         dtype = np.dtype(inp["dtype"])
+        total += int(np.prod(shape, dtype=np.float64)) * 8  # drawn as float64, then cast
+        check_memory(total, where, f"random inputs ({name} {'x'.join(map(str, shape)) or 'scalar'})")
         lname = name.lower()
         if not shape and dtype.kind in "iu":
             raise BadInput(where, f"input '{name}' is an integer scalar (its value matters, e.g. a sample rate); "

@@ -25,7 +25,8 @@ from .options import option
 from .runtime import make_session, run
 
 __all__ = ["DataOptions", "calibration_data", "eval_data", "sidecar_dataset", "verify_variant", "judge",
-           "write_variant", "job_gates", "rejected_path", "speed_check", "SLOWER_THAN_REFERENCE", "check_output"]
+           "write_variant", "job_gates", "rejected_path", "speed_check", "SLOWER_THAN_REFERENCE", "check_output",
+           "check_runs"]
 
 PREPROCESS = ("imagenet", "unit", "raw")
 # A variant timed at less than this speed-up over its input is refused as slower (5% for noise).
@@ -250,6 +251,13 @@ def check_output(output, model_path) -> Path:
             raise BadInput(str(output), f"is the input model {model_path}: writing it would destroy the original",
                            "write the result to another file")
     return out
+
+
+def check_runs(proto: onnx.ModelProto, model_path) -> None:
+    """Refuse, before any work, an input ONNX Runtime cannot load (an op from a domain it does
+    not know, a kernel it lacks): one line naming the file, in ORT's words without its source
+    paths, instead of a traceback from deep inside a quantizer's calibration."""
+    make_session(proto, where=str(model_path))
 
 
 def rejected_path(output) -> Path:

@@ -26,8 +26,8 @@ from ._version import __version__
 from .artifact import load_model, model_bytes, read_sidecar
 from .errors import BadInput
 from .gates import Gates
-from .jobs import (DataOptions, calibration_data, check_output, eval_data, job_gates, speed_check, verify_variant,
-                   write_variant)
+from .jobs import (DataOptions, calibration_data, check_output, check_runs, eval_data, job_gates, speed_check,
+                   verify_variant, write_variant)
 from .options import build, check_choices, fields_of, option, split
 from .passes.prune import MASK_METHODS, PruneChannels, PruneMasks, count_params
 from .passes._common import refuse_quantized
@@ -171,6 +171,7 @@ def _prune_onnx(model_path, output, job: PruneSettings, data: DataOptions, gates
     proto = load_model(model_path)
     prev = read_sidecar(model_path)
     refuse_quantized(ir.serde.deserialize_model(proto), str(model_path))
+    check_runs(proto, model_path)
     eval_ds = eval_data(data.data, proto, prev, data.preprocess)
     gates.check_data(eval_ds, "--")
     calib_name, feeds = None, None

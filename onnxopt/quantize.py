@@ -28,8 +28,8 @@ from .errors import BadInput, first_line
 from .evaluate import predict_all
 from .feeds import Dataset
 from .gates import Gates, gate_data, measure
-from .jobs import (DataOptions, calibration_data, check_output, eval_data, job_gates, speed_check, verify_variant,
-                   write_variant)
+from .jobs import (DataOptions, calibration_data, check_output, check_runs, eval_data, job_gates, speed_check,
+                   verify_variant, write_variant)
 from .options import build, check_choices, option, split
 from .passes import QuantizeStatic, choose_mode
 from .passes._common import looks_like_transformer, op_counts, refuse_quantized
@@ -279,6 +279,7 @@ def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
     prev = read_sidecar(model_path)
     model = ir.serde.deserialize_model(proto)
     refuse_quantized(model, str(model_path))
+    check_runs(proto, model_path)
     eval_ds = eval_data(data.data, proto, prev, data.preprocess)
     gates.check_data(eval_ds, "--")
     plan = _plan(model, proto, prev, job, data, static, eval_ds)

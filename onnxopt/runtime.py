@@ -31,6 +31,23 @@ def available_providers() -> list[str]:
     return [short for short, full in PROVIDERS.items() if full in have]
 
 
+def ort_reason(e: BaseException, limit: int = 200) -> str:
+    """ONNX Runtime's message in words a user can act on: without the ``[ONNXRuntimeError] : 1 :
+    FAIL :`` prefix, the temp path it loaded from, and the C++ source location and signature it
+    quotes (``/onnxruntime_src/...h:46 void onnxruntime::...(...)``)."""
+    import re
+
+    text = " ".join(str(e).split())
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", text)
+    text = re.sub(r"Load model from \S+ failed: ?", "", text)
+    text = re.sub(r"\S*onnxruntime_src\S*:\d+ (?:\S+ )?[\w:<>~]+\([^)]*\)(?: const)? ", "", text)
+    text = re.sub(r"^Fatal error: ", "", text).strip()
+    m = re.search(r"Opset (\d+) is under development", text)
+    if m:
+        text = f"opset {m.group(1)} is newer than this ONNX Runtime ({ort().__version__}) supports"
+    return text[:limit] or type(e).__name__
+
+
 def _failed(where: str, loading: bool, e: Exception, produced: bool):
     """ONNX Runtime failing on a file the user gave is bad input (exit 2); on a file onnxopt
     produced it is onnxopt's bug (exit 1, with the traceback)."""
@@ -39,7 +56,7 @@ def _failed(where: str, loading: bool, e: Exception, produced: bool):
                              f"produced: {first_line(e)}",
                              "this is a bug in onnxopt; please report it with the input model")
     what = "cannot load the model" if loading else "failed to run it on the given inputs"
-    return BadInput(where, f"ONNX Runtime {what}: {first_line(e)}")
+    return BadInput(where, f"ONNX Runtime {what}: {ort_reason(e)}")
 
 
 def make_session(model, provider: str = "cpu", threads: int | None = None, where: str = "model",
