@@ -19,7 +19,7 @@ from .artifact import check_writable, lineage, save_model
 from .bench import speed_ratio
 from .errors import BadInput, InternalError, VerificationFailed
 from .evaluate import Outputs, compare, predict_all
-from .feeds import Dataset, first_feeds, load_dataset, random_feeds
+from .feeds import Dataset, check_dataset, first_feeds, load_dataset, random_feeds
 from .gates import Gates, gate_data, gate_failed, measure
 from .options import option
 from .runtime import make_session, run
@@ -84,7 +84,11 @@ def eval_data(data, proto: onnx.ModelProto, sidecar: dict | None, preprocess: st
         data = sidecar_dataset(sidecar)
     if data is None:
         return None
-    return load_dataset(data, proto, preprocess=preprocess)
+    ds = load_dataset(data, proto, preprocess=preprocess)
+    # checked here, against the file's inputs, so a bad array is named by the --data it came from
+    # (not "calibration data, item 0" from deep inside a pass)
+    check_dataset(proto, ds, where=f"--data {data}" if isinstance(data, str) else ds.name)
+    return ds
 
 
 # The two random shapes a variant is verified at: (batch, sequence length, image side). The second

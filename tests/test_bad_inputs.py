@@ -253,3 +253,46 @@ def test_files_onnx_runtime_or_memory_cannot_take(tmp_path, command):
         assert "onnxruntime_src" not in lines[0] and "[ONNXRuntimeError]" not in lines[0], lines[0]
         assert _digest(path) == before and not (tmp_path / "out").exists(), name
         assert _files(tmp_path) == {"in", *(f"in/{p.name}" for p in folder.iterdir())}, name
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def _bad_data(folder):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ok = rng.standard_normal((8, 16)).astype(np.float32)
+    nan = ok.copy()
+    nan[3, 2] = np.nan
+    cases = {
+        "strings": ({"x": np.array([["abc"] * 16] * 4)}, "expects float32, got <U3"),
+        "nan": ({"x": nan}, "NaN"),
+        "wrong rank": ({"x": ok[:, :, None]}, "expects rank 2"),
+        "wrong fixed dim": ({"x": ok[:, :15]}, "expects shape"),
+        "labels of another length": ({"x": ok, "labels": np.zeros(5, np.int64)}, "different numbers of samples"),
+        "float labels": ({"x": ok, "labels": np.zeros(8)}, "labels must be integers"),
+        "object array": ({"x": np.array([{"a": 1}] * 8, dtype=object)}, "cannot read it"),
+        "samples with other inputs": ({"sample0000/x": ok[:1], "sample0001/z": ok[:1]}, "sample 1 has inputs"),
+        "a stray key among samples": ({"sample0000/x": ok[:1], "junk": ok}, "is not 'sampleNNNN/"),
+    }
+    out = {}
+    for name, (arrays, says) in cases.items():
+        path = folder / (name.replace(" ", "_") + ".npz")
+        np.savez(path, **arrays)
+        out[name] = (path, says)
+    (folder / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    out["corrupt"] = (folder / "corrupt.npz", "cannot read it")
+    out["missing"] = (folder / "nope.npz", "no such file")
+    out["unknown kind"] = (folder / "data.csv", "unknown dataset")
+    return out
+
+
+@pytest.mark.parametrize("command", ["quantize", "prune", "simplify"])
+def test_bad_data_is_named_by_its_file(model, tmp_path, command):
+    for name, (path, says) in _bad_data(model.parent).items():
+        args = [command, model, "-o", tmp_path / "out" / "v.onnx", "--data", path]
+        args += {"quantize": ["--mode", "static", "--no-speed-check"], "prune": ["--method", "channel"]}.get(command, [])
+        code, lines, err = _run(args, tmp_path)
+        _assert_refused(code, lines, err, says=says)
+        assert path.name in lines[0], lines[0]
+        assert not (tmp_path / "out").exists(), name
