@@ -176,7 +176,7 @@ def run_file(entry, commands, cache: Path, work: Path, duration: float, timing: 
             judged(name, res, best if res["rc"] == 0 and best.exists() else None)
         elif name == "pack":
             bundle = work / f"{entry.key}.tar.gz"
-            res = _cli(["pack", str(src), "-o", str(bundle)], 300)
+            res = _cli(["pack", str(src), "-o", str(bundle), "--data", str(npz)], 300)
             if res["rc"] == 0:
                 res = _cli(["verify-bundle", str(bundle)], 300)
             judged("pack+verify-bundle", res, None)
@@ -195,9 +195,9 @@ def _fmt(row) -> str:
             f"{row['size_ratio'] if 'size_ratio' in row else ''} | {f'{sp:.2f}x' if sp else ''} | {why} |")
 
 
-def markdown(rows, argv, env) -> str:
+def markdown(rows, made_by: list[str], env) -> str:
     lines = ["# Real-world corpus: every command on every file", "",
-             f"Made by: `{' '.join(argv)}`", "",
+             "Made by: " + ", then ".join(f"`{c}`" for c in made_by), "",
              f"Machine: {env}. ORT CPU, 2 threads, spinning off; latency ratio = original p50 / "
              "variant p50, interleaved, on the file's first recorded sample (> 1: faster). "
              "`(copy of itself)` is the original timed against a byte copy (should read ~1.00x). "
@@ -236,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-time", action="store_true")
     ap.add_argument("--cache", default=str(ROOT / ".pytest_cache" / "d" / "realworld"))
     ap.add_argument("--no-write", action="store_true", help="print, do not write results/")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace only the (file, command) rows this run makes in the committed results")
     a = ap.parse_args(argv)
     entries = [corpus.by_key(k) for k in a.only.split(",")] if a.only else corpus.ENTRIES
     commands = [c for c in a.commands.split(",") if c]
@@ -253,11 +255,21 @@ def main(argv=None) -> int:
     import onnxruntime
 
     env = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}"
-    md = markdown(rows, ["python", "benchmarks/realworld.py", *(argv if argv is not None else sys.argv[1:])], env)
+    made_by = [" ".join(["python", "benchmarks/realworld.py", *(argv if argv is not None else sys.argv[1:])])]
+    if a.merge:
+        import json
+
+        from _common import RESULTS
+
+        old = json.loads((RESULTS / "realworld.json").read_text())
+        new = {(r["file"], r["command"]): r for r in rows}
+        merged = [new.pop((r["file"], r["command"]), r) for r in old["rows"]]
+        rows, made_by = merged + list(new.values()), old.get("made_by", []) + made_by
+    md = markdown(rows, made_by, env)
     if a.no_write:
         print(md)
     else:
-        write_results("realworld", {"rows": rows}, md)
+        write_results("realworld", {"rows": rows, "made_by": made_by}, md)
     return 0
 
 

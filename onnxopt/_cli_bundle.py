@@ -23,8 +23,10 @@ __all__ = ["pack", "verify_bundle"]
 @click.option("--name", help="Name recorded in the manifest [default: the model file's name].")
 @click.option("--rtol", type=float, help="Relative tolerance of the smoke check [default: by dtype/quantization].")
 @click.option("--atol", type=float, help="Absolute tolerance of the smoke check [default: scaled to the outputs].")
+@click.option("--data", type=str, help="Real inputs whose first sample is the smoke input (an .npz or recorded "
+              "feeds), for models random inputs cannot run [default: random inputs].")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest JSON.")
-def pack(model, output, labels, preprocess, ort_format, name, rtol, atol, as_json):
+def pack(model, output, labels, preprocess, ort_format, name, rtol, atol, data, as_json):
     """Pack an ONNX model into a verified edge bundle (.tar.gz).
 
     The bundle holds the model (ONNX, and ORT format with its required-operators config), smoke
@@ -42,7 +44,7 @@ def pack(model, output, labels, preprocess, ort_format, name, rtol, atol, as_jso
     from .report import human_bytes, table, to_json
 
     manifest = api_pack(model, output, labels=labels, preprocess=preprocess, ort_format=ort_format, name=name,
-                        rtol=rtol, atol=atol)
+                        rtol=rtol, atol=atol, data=data)
     if as_json:
         click.echo(to_json(manifest))
         return

@@ -65,6 +65,7 @@ class PackSettings:
     name: str | None = None
     rtol: float | None = None
     atol: float | None = None
+    data: str | None = None
 
     def __post_init__(self):
         check_choice(self.preprocess, PREPROCESS, "--preprocess")
@@ -111,6 +112,7 @@ def pack(
     name: str | None = None,
     rtol: float | None = None,
     atol: float | None = None,
+    data: str | None = None,
 ) -> dict:
     """Write an edge bundle for the ONNX model at ``model_path`` to ``output`` (``.tar.gz``).
 
@@ -123,6 +125,9 @@ def pack(
       warning in the manifest, not an error).
     * ``rtol``/``atol``: tolerance of the smoke check [default: by output dtype and whether the
       model is quantized; see the manifest's ``smoke``].
+    * ``data``: real inputs (an ``.npz``, recorded feeds, ...: see :func:`onnxopt.feeds.load_dataset`)
+      whose first sample is the smoke input, for models random inputs cannot run (a sample rate, a
+      recurrent state); default: random inputs.
 
     Returns the manifest.
     """
@@ -130,7 +135,8 @@ def pack(
     output = Path(output)
     _check_output(output)
     settings = PackSettings(preprocess="none" if preprocess is None else str(preprocess), labels=labels,
-                            ort_format=ort_format, name=name, rtol=rtol, atol=atol)
+                            ort_format=ort_format, name=name, rtol=rtol, atol=atol,
+                            data=None if data is None else str(data))
     src = _read_source(model_path)
     pre = _preprocessing(settings.preprocess, src.sig, str(model_path))
     label_names = _read_labels(settings.labels) if settings.labels is not None else None
@@ -223,13 +229,21 @@ def _model_name(p: Path) -> str:
 
 def _record_smoke(src: _Source, settings: PackSettings) -> _Smoke:
     """Smoke inputs and the outputs ONNX Runtime gives for them now."""
-    from .feeds import random_feeds
+    from .feeds import check_dataset, first_feeds, load_dataset, random_feeds
     from .runtime import make_session, run
 
     proto, sig, where = src.proto, src.sig, str(src.path)
     first = sig["inputs"][0]["shape"] if sig["inputs"] else []
     batch = first[0] if first and isinstance(first[0], int) and first[0] > 0 else 1  # -1: open
-    feeds = random_feeds(proto, batch=batch, seq=32, seed=0, where=where)
+    if settings.data is not None:
+        ds = load_dataset(settings.data, proto, preprocess="raw")
+        check_dataset(proto, ds, where=f"--data {settings.data}")
+        feeds = first_feeds(proto, ds, 1)
+        if feeds is None:
+            raise BadInput(f"--data {settings.data}", "holds no sample")
+        batch = next((int(v.shape[0]) for v in feeds.values() if np.ndim(v)), 1)
+    else:
+        feeds = random_feeds(proto, batch=batch, seq=32, seed=0, where=where)
     sess = make_session(proto, where=where)
     outs = run(sess, feeds, where=where)
     out_names = [o.name for o in sess.get_outputs()]
@@ -245,7 +259,8 @@ def _record_smoke(src: _Source, settings: PackSettings) -> _Smoke:
     smoke_arrays = {f"input_{i}": np.asarray(feeds[k]) for i, k in enumerate(feeds)}
     smoke_arrays.update({o["key"]: np.asarray(v) for o, v in zip(smoke_outputs, outs)})
     entry = {
-        "file": SMOKE, "seed": 0, "batch": int(batch),
+        "file": SMOKE, "seed": None if settings.data is not None else 0, "batch": int(batch),
+        "from": "the first sample of the --data given at pack time" if settings.data is not None else "random inputs",
         "inputs": [{"name": k, "key": f"input_{i}", "dtype": v.dtype.name, "shape": list(v.shape)}
                    for i, (k, v) in enumerate(feeds.items())],
         "outputs": smoke_outputs,
@@ -468,7 +483,8 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for key in sorted(arrays):
             arr = io.BytesIO()
-            np.lib.format.write_array(arr, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+            a = np.asarray(arrays[key])  # not np.ascontiguousarray: it makes a 0-d scalar input 1-d
+            np.lib.format.write_array(arr, a if a.flags.c_contiguous else a.copy(order="C"), allow_pickle=False)
             info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             zf.writestr(info, arr.getvalue())

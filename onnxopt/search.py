@@ -227,8 +227,9 @@ def _time_survivors(ctx: _Context, variants: list[dict], settings: BenchSettings
     survivors = [v for v in variants if v["status"] == "ok"]
     if not survivors:
         return None, None
-    labelled = ctx.eval_ds if ctx.eval_ds is not None and ctx.eval_ds.labels is not None else None
-    report = bench([ctx.reference] + [v["path"] for v in survivors], settings=settings, data=labelled,
+    # the data, labelled or not: the timing runs on its first samples (random inputs cannot make a
+    # sample rate or a recurrent state), and accuracy is added when it has labels
+    report = bench([ctx.reference] + [v["path"] for v in survivors], settings=settings, data=ctx.eval_ds,
                    names=["reference"] + [v["name"] for v in survivors])
     first = (report["rows"][0]["provider"], report["rows"][0]["threads"], report["rows"][0]["batch"])
     rows = {r["model"]: r for r in report["rows"] if (r["provider"], r["threads"], r["batch"]) == first}

@@ -579,3 +579,30 @@ def test_cli_pack_and_verify_bundle(tmp_path):
     res = CliRunner().invoke(cli, ["pack", str(model), "-o", str(tmp_path / "x.tar.gz"), "--preprocess", "unit"])
     assert res.exit_code == 2 and "--preprocess" in res.stderr
     assert not (tmp_path / "x.tar.gz").exists()
+
+
+def test_pack_a_model_random_inputs_cannot_run_with_real_data(tmp_path):
+    """A sample rate and a recurrent state cannot be invented: without --data, pack refuses and
+    says so; with recorded feeds, the smoke input is their first sample, and the bundle verifies."""
+    from test_inspect import make_vad
+
+    from onnxopt.feeds import save_samples
+
+    src = tmp_path / "vad.onnx"
+    onnx.save(make_vad(), src)
+    with pytest.raises(BadInput, match="integer scalar.*--data"):
+        bundle.pack(src, tmp_path / "a.tar.gz")
+    rng = np.random.default_rng(0)
+    feeds = [{"input": rng.standard_normal((1, 512)).astype(np.float32),
+              "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(16000, np.int64)} for _ in range(3)]
+    save_samples(tmp_path / "feeds.npz", feeds)
+    manifest = bundle.pack(src, tmp_path / "b.tar.gz", data=str(tmp_path / "feeds.npz"))
+    smoke = {i["name"]: i for i in manifest["smoke"]["inputs"]}
+    assert smoke["sr"]["shape"] == [] and smoke["state"]["shape"] == [2, 1, 128]
+    assert manifest["smoke"]["from"].startswith("the first sample")
+    with tarfile.open(tmp_path / "b.tar.gz") as t:
+        arrays = np.load(io.BytesIO(t.extractfile("smoke.npz").read()))
+        key = smoke["sr"]["key"]
+        assert arrays[key].tolist() == 16000, (key, arrays[key].shape, arrays[key].dtype)
+    res = CliRunner().invoke(cli_verify, [str(tmp_path / "b.tar.gz")])
+    assert res.exit_code == 0, res.output

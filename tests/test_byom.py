@@ -406,3 +406,24 @@ def test_an_ort_tool_that_misorders_an_if_reading_the_outer_scope_is_sorted():
     x = np.array([-1.0, 2.0], np.float32)
     got = ort.InferenceSession(out.SerializeToString()).run(None, {"x": x, "cond": np.array(False)})[0]
     np.testing.assert_array_equal(got, [-0.0, -2.0])
+
+
+def test_a_gated_search_times_on_the_users_data_not_random_inputs(tmp_path):
+    """A VAD's sample rate and state cannot be invented: the search's side-by-side timing runs on
+    the first data sample, labelled or not (it used random inputs without labels and refused)."""
+    from onnxopt.bench import BenchSettings
+    from onnxopt.gates import Gates
+    from onnxopt.runner import Step
+    from onnxopt.search import evaluate_variants
+
+    src = tmp_path / "vad.onnx"
+    onnx.save(make_vad(), src)
+    rng = np.random.default_rng(0)
+    save_samples(tmp_path / "feeds.npz", [{"input": rng.standard_normal((1, 512)).astype(np.float32),
+                                           "state": np.zeros((2, 1, 128), np.float32),
+                                           "sr": np.array(16000, np.int64)} for _ in range(4)])
+    report = evaluate_variants(src, [{"name": "simplified", "steps": [Step("simplify", {})]}],
+                               data=str(tmp_path / "feeds.npz"), gates=Gates(min_cosine=0.9),
+                               settings=BenchSettings(batches=(1,), duration=0.1, memory=False), out=tmp_path / "o")
+    assert report["chosen"] == "simplified" and report["variants"][0]["p50_ms"] > 0
+    assert set(report["gates"]) >= {"min_cosine", "max_channel_error"}  # the variant defaults hold too
