@@ -311,3 +311,18 @@ def test_bad_data_is_named_by_its_file(model, tmp_path, command):
         _assert_refused(code, lines, err, says=says)
         assert path.name in lines[0], lines[0]
         assert not (tmp_path / "out").exists(), name
+
+
+def test_an_unwritable_folder_is_one_line(model, tmp_path, monkeypatch):
+    """As root chmod cannot make a folder unwritable, so the OS's refusal is simulated where the
+    temp file is made; nothing is left, the line names the output."""
+    import onnxopt.artifact as artifact
+
+    def refuse(*a, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(artifact.tempfile, "mkstemp", refuse)
+    out = tmp_path / "ro" / "v.onnx"
+    code, lines, err = _run(["simplify", model, "-o", out], tmp_path)
+    _assert_refused(code, lines, err, says="Permission denied")
+    assert str(out) in lines[0] and not out.exists()
