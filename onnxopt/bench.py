@@ -29,7 +29,8 @@ from ._version import __version__
 from .artifact import io_signature, load_model, read_sidecar
 from .errors import BadInput, check_choice, first_line
 from .evaluate import agreement, top1
-from .feeds import Dataset, cast_feeds, check_dataset, first_feeds, load_dataset, random_feeds
+from .feeds import (Dataset, cast_feeds, check_activation_memory, check_dataset, first_feeds, load_dataset,
+                    random_feeds)
 from .progress import progress
 from .runtime import available_providers, make_session, ort, run
 
@@ -303,7 +304,9 @@ def _batch_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
     """The first ``batch`` dataset samples when there are enough (per-sample data: its first
     sample, at batch 1), else random inputs."""
     feeds = first_feeds(plan.protos[0], plan.dataset, batch)
-    return feeds if feeds is not None else _random_feeds(plan, batch)
+    feeds = feeds if feeds is not None else _random_feeds(plan, batch)
+    check_activation_memory(plan.protos[0], feeds, plan.paths[0])
+    return feeds
 
 
 def _first_outputs(runnable: list[_Variant], feeds) -> dict[str, list]:

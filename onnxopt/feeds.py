@@ -193,6 +193,43 @@ def check_memory(need: int, where: str, what: str, share: float = 0.5) -> None:
                        "available", "pass real inputs with --data, or a smaller --batch")
 
 
+def check_activation_memory(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str) -> None:
+    """Refuse, before ONNX Runtime allocates it, a run whose largest intermediate tensor (from
+    onnx shape inference with the inputs fixed at the feeds' shapes) would take over half the
+    available memory: a graph can expand a small input into a huge one. Tensors whose shape
+    inference cannot tell are not counted; a model that inference fails on is left to ORT."""
+    avail = available_memory()
+    if not avail or not feeds or model.ByteSize() > (256 << 20):  # a big model is not copied to infer shapes
+        return
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.value_info[:]
+    for inp in m.graph.input:
+        if inp.name in feeds and inp.type.HasField("tensor_type"):
+            shape = np.shape(feeds[inp.name])
+            inp.type.tensor_type.shape.Clear()
+            for d in shape:
+                inp.type.tensor_type.shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001 -- inference fails on many real graphs; ORT will tell
+        return
+    worst, worst_name = 0, None
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape") or not t.elem_type:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if any(d is None for d in dims):
+            continue
+        size = int(np.prod(dims, dtype=np.float64)) * onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).itemsize
+        if size > worst:
+            worst, worst_name = size, vi.name
+    if worst > 0.5 * avail:
+        raise BadInput(where, f"tensor '{worst_name}' would take {worst / 2**30:.1f} GiB at these input shapes; "
+                       f"this machine has {avail / 2**30:.1f} GiB available", "give smaller inputs (--data, --batch)")
+
+
 def random_feeds(
     model: onnx.ModelProto,
     batch: int = 1,

@@ -19,7 +19,7 @@ from .artifact import check_writable, lineage, save_model
 from .bench import speed_ratio
 from .errors import BadInput, InternalError, VerificationFailed
 from .evaluate import Outputs, compare, predict_all
-from .feeds import Dataset, check_dataset, first_feeds, load_dataset, random_feeds
+from .feeds import Dataset, check_activation_memory, check_dataset, first_feeds, load_dataset, random_feeds
 from .gates import Gates, gate_data, gate_failed, measure
 from .options import option
 from .runtime import make_session, run
@@ -112,6 +112,7 @@ def _random_cases(ref: onnx.ModelProto, s_ref, s_new, label: str, classification
         if key in seen:
             continue
         seen.add(key)
+        check_activation_memory(ref, feeds, "model")
         shape = " ".join(f"{k} {'x'.join(map(str, v.shape)) or 'scalar'}" for k, v in feeds.items())
         try:
             r = Outputs([o.name for o in s_ref.get_outputs()], [run(s_ref, feeds)])
