@@ -332,3 +332,45 @@ def test_an_unwritable_folder_is_one_line(model, tmp_path, monkeypatch):
     code, lines, err = _run(["simplify", model, "-o", out], tmp_path)
     _assert_refused(code, lines, err, says="Permission denied")
     assert str(out) in lines[0] and not out.exists()
+
+
+# ---- input files that are not models ----------------------------------------------------------
+
+def _not_models(folder, model):
+    from onnx import TensorProto, helper, numpy_helper
+    import numpy as np
+
+    data = model.read_bytes()
+    cases = {}
+    (folder / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = (folder / "truncated.onnx", "")
+    (folder / "text.onnx").write_text("this is not a model\n")
+    cases["a text file"] = (folder / "text.onnx", "")
+    (folder / "empty.onnx").write_bytes(b"")
+    cases["empty"] = (folder / "empty.onnx", "")
+    (folder / "dir.onnx").mkdir()
+    cases["a folder"] = (folder / "dir.onnx", "")
+    cases["missing"] = (folder / "missing.onnx", "no such file")
+    w = numpy_helper.from_array(np.ones((16, 4), np.float32), "w")
+    w.data_location = TensorProto.EXTERNAL
+    w.ClearField("raw_data")
+    for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "256")):
+        w.external_data.add(key=k, value=v)
+    (folder.parent / "secret.bin").write_bytes(b"\0" * 256)
+    m = _tiny([helper.make_node("MatMul", ["x", "w"], ["y"])],
+              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 16])],
+              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], inits=[w])
+    (folder / "escape.onnx").write_bytes(m.SerializeToString())
+    cases["external data outside its folder"] = (folder / "escape.onnx", "")
+    return cases
+
+
+@pytest.mark.parametrize("command", ["simplify", "quantize", "prune", "bench", "inspect"])
+def test_input_files_that_are_not_models(model, tmp_path, command):
+    for name, (path, says) in _not_models(model.parent, model).items():
+        args = [command, path] + (["-o", tmp_path / "out" / "v.onnx"] if command not in ("bench", "inspect") else [])
+        args += {"quantize": ["--mode", "dynamic"], "bench": ["--duration", "0.1"]}.get(command, [])
+        code, lines, err = _run(args, tmp_path)
+        _assert_refused(code, lines, err, says=says)
+        assert str(path.name) in lines[0], (name, lines[0])
+        assert not (tmp_path / "out").exists(), name
