@@ -26,9 +26,18 @@ class _Group(click.Group):
     wrong -- and any other exception are bugs: full traceback, exit 1."""
 
     def invoke(self, ctx):
+        import shutil
+        import tempfile
+
         from ._startup import INTERRUPTED_EXIT, restore_interrupts
 
         restore_interrupts()
+        # One temp folder for the whole command, onnxopt's and the libraries' (ORT's quantizer,
+        # onnx, numpy all use tempfile): removed on every exit path, a Ctrl-C or a crash included,
+        # so a library that forgets a file leaves nothing behind either.
+        scratch = tempfile.mkdtemp(prefix="onnxopt-run-")
+        previous, tempfile.tempdir = tempfile.tempdir, scratch
+        ctx.call_on_close(lambda: (setattr(tempfile, "tempdir", previous), shutil.rmtree(scratch, ignore_errors=True)))
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
