@@ -39,6 +39,7 @@ def pack(model, output, labels, preprocess, ort_format, name, rtol, atol, data, 
       onnxopt pack digits-int8.onnx -o digits.tar.gz --labels digits.txt --preprocess unit
       onnxopt pack resnet18.onnx -o r18.tar.gz --labels imagenet.txt --preprocess imagenet
       onnxopt pack minilm.onnx -o minilm.tar.gz --no-ort --json | jq .files
+      onnxopt pack silero_vad.onnx -o vad.tar.gz --data vad-feeds.npz   # a sample rate, a state
     """
     from .bundle import pack as api_pack
     from .report import human_bytes, table, to_json
