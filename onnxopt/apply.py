@@ -64,11 +64,10 @@ def _apply(pass_name: str, model_path, output, options: dict, label: str | None 
     step = {**records[0], "onnxopt": __version__}
     if calib_name and needs_calibration(registry()[pass_name]):
         step["calibration_data"] = calib_name
-    if min_random_cosine is not None:
-        for case in verification.get("cases", []):
-            if case["case"].startswith("random") and case.get("cosine_min", 1.0) < min_random_cosine:
-                raise VerificationFailed(str(output), f"{job.label} model disagrees with the input on {case['case']} "
-                                         f"(cosine {case['cosine_min']:.5f})")
+    case = job.random_disagreement(verification)
+    if case is not None:
+        raise VerificationFailed(str(output), f"{job.label} model disagrees with the input on {case['case']} "
+                                 f"(cosine {case['cosine_min']:.5f})")
     return write_variant(out_proto, output, model_path, step, verification, gates,
                          f"the {pass_name} pass loses too much here; try other settings")
 
@@ -90,16 +89,21 @@ class _Job:
         out, records = run_steps(self.proto, [Step(self.pass_name, settings)], calibration=self.calib, where=None)
         ver = verify_variant(self.proto, out, self.eval_ds, "cpu", label=self.label, task=self.task)
         problem = None
-        if self.min_random_cosine is not None:
-            bad = [c for c in ver.get("cases", []) if c["case"].startswith("random")
-                   and c.get("cosine_min", 1.0) < self.min_random_cosine]
-            if bad:
-                problem = f"cosine {bad[0]['cosine_min']:.5f} on {bad[0]['case']}"
-        if problem is None:
+        bad = self.random_disagreement(ver)
+        if bad is not None:
+            problem = f"cosine {bad['cosine_min']:.5f} on {bad['case']}"
+        else:
             failed = [c for c in judge(self.gates, ver, len(model_bytes(out))) if not c["passed"]]
             if failed:
                 problem = f"{failed[0]['gate']} {failed[0]['value']:g} (limit {failed[0]['limit']:g})"
         return out, records, ver, problem
+
+    def random_disagreement(self, ver: dict) -> dict | None:
+        """The first random-input case whose cosine falls under ``min_random_cosine``, or None."""
+        if self.min_random_cosine is None:
+            return None
+        return next((c for c in ver.get("cases", []) if c["case"].startswith("random")
+                     and c.get("cosine_min", 1.0) < self.min_random_cosine), None)
 
 
 BISECT_TRIES = 24

@@ -250,6 +250,7 @@ class _BenchPlan:
     dataset: Dataset | None
     providers: list[str]
     skipped: list[str]
+    memory_checked: set = field(default_factory=set)  # batch sizes whose activations were sized
 
 
 def _check_same_inputs(paths: list[str], protos: list[onnx.ModelProto]) -> None:
@@ -302,10 +303,13 @@ def _random_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
 
 def _batch_feeds(plan: _BenchPlan, batch: int) -> dict[str, np.ndarray]:
     """The first ``batch`` dataset samples when there are enough (per-sample data: its first
-    sample, at batch 1), else random inputs."""
+    sample, at batch 1), else random inputs; their activations sized once per batch size (the
+    same feeds come back for every provider and thread count)."""
     feeds = first_feeds(plan.protos[0], plan.dataset, batch)
     feeds = feeds if feeds is not None else _random_feeds(plan, batch)
-    check_activation_memory(plan.protos[0], feeds, plan.paths[0])
+    if batch not in plan.memory_checked:
+        check_activation_memory(plan.protos[0], feeds, plan.paths[0])
+        plan.memory_checked.add(batch)
     return feeds
 
 
