@@ -13,6 +13,28 @@ def without_temp_paths(obj, tmp: str):
     return json.loads(json.dumps(obj, default=str).replace(prefix, ""))
 
 
+def without_machine_paths(obj, tmp: str | None = None):
+    """:func:`without_temp_paths` (when ``tmp`` is given), and the installed packages' folder and
+    the repository named instead of spelled out: committed results name files, not one machine."""
+    import sysconfig
+
+    if tmp is not None:
+        obj = without_temp_paths(obj, tmp)
+    root = str(Path(__file__).resolve().parents[1])
+    text = json.dumps(obj, default=str).replace(sysconfig.get_paths()["purelib"], "<site-packages>")
+    return json.loads(text.replace(root, "."))
+
+
+def first_sample(npz) -> dict:
+    """The first sample of a recorded-feeds (or plain) ``.npz``, as feeds at batch 1."""
+    from onnxopt.feeds import load_dataset
+
+    ds = load_dataset(str(npz), preprocess="raw")
+    if ds.per_sample:
+        return ds.samples[0]
+    return {k: v[:1] if v.ndim else v for k, v in ds.inputs.items()}
+
+
 def repeated_bench(paths, *, repeat: int = 1, **kwargs) -> dict:
     """``onnxopt.bench`` run ``repeat`` times (each run interleaves all variants), merged: every
     row's ``p50_ms`` and ``speedup`` become the median over the runs, and ``p50_runs`` /

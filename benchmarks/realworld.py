@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -26,13 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from _common import write_results  # noqa: E402
+from _common import RESULTS, first_sample, without_machine_paths, write_results  # noqa: E402
 from realworld import corpus  # noqa: E402
 
 ONNXOPT = [sys.executable, "-m", "onnxopt.cli"]
@@ -67,15 +66,6 @@ def _cli(args: list[str], timeout: float) -> dict:
     return {"rc": rc, "traceback": "Traceback (most recent call last)" in err + out,
             "error": error[:300] if rc not in (0,) else "", "wall_s": round(time.perf_counter() - t0, 1),
             "stderr_tail": "\n".join(lines[-12:]) if rc not in (0,) else ""}
-
-
-def _first_sample(npz: Path) -> dict[str, np.ndarray]:
-    from onnxopt.feeds import load_dataset
-
-    ds = load_dataset(str(npz), preprocess="raw")
-    if ds.per_sample:
-        return ds.samples[0]
-    return {k: v[:1] if v.ndim else v for k, v in ds.inputs.items()}
 
 
 def _speed(original: Path, candidate: Path, feeds, seconds: float) -> dict:
@@ -134,7 +124,7 @@ def _ort_plain(kind: str, src: Path, dst: Path, npz: Path) -> dict:
 def run_file(entry, commands, cache: Path, work: Path, duration: float, timing: bool) -> list[dict]:
     src = entry.path()
     npz = corpus.recorded(entry.key, cache)
-    feeds = _first_sample(npz)
+    feeds = first_sample(npz)
     rows = []
     size0 = src.stat().st_size
 
@@ -252,11 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rerender", action="store_true", help="re-write results/realworld.md from the .json")
     a = ap.parse_args(argv)
     if a.rerender:
-        import json
-
-        from _common import RESULTS
-
-        old = _no_machine_paths(json.loads((RESULTS / "realworld.json").read_text()))
+        old = without_machine_paths(json.loads((RESULTS / "realworld.json").read_text()))
         old["env"] = old.get("env") or _env()
         write_results("realworld", old, markdown(old["rows"], old.get("made_by", []), old["env"]))
         return 0
@@ -271,19 +257,16 @@ def main(argv=None) -> int:
                 print(f"skip {e.key}: {e.package} not installed")
                 continue
             rows += run_file(e, commands, cache, Path(td), a.duration, not a.no_time)
+    rows = without_machine_paths(rows, td)
     env = _env()
     made_by = [" ".join(["python", "benchmarks/realworld.py", *(argv if argv is not None else sys.argv[1:])])]
     if a.merge:
-        import json
-
-        from _common import RESULTS
-
         old = json.loads((RESULTS / "realworld.json").read_text())
         new = {(r["file"], r["command"]): r for r in rows}
         merged = [new.pop((r["file"], r["command"]), r) for r in old["rows"]]
         rows, made_by = merged + list(new.values()), old.get("made_by", []) + made_by
-    results = _no_machine_paths({"rows": rows, "made_by": made_by, "env": env})
-    md = markdown(results["rows"], made_by, env)
+    results = {"rows": rows, "made_by": made_by, "env": env}
+    md = markdown(rows, made_by, env)
     if a.no_write:
         print(md)
     else:
@@ -297,19 +280,6 @@ def _env() -> str:
     import onnxruntime
 
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}"
-
-
-def _no_machine_paths(obj):
-    """The results without this machine's paths: temp folders cut, site-packages and the
-    repository named, so committed results name files, not one machine."""
-    import json
-    import re
-    import sysconfig
-
-    text = json.dumps(obj)
-    text = re.sub(r"/tmp/tmp[\w.-]+/", "", text)
-    text = text.replace(sysconfig.get_paths()["purelib"], "<site-packages>").replace(str(ROOT), ".")
-    return json.loads(text)
 
 
 if __name__ == "__main__":
