@@ -41,8 +41,15 @@ def _agreement_table(ver: dict) -> str:
              f"{c['top1_agreement']:.3f}" if "top1_agreement" in c else "-",
              f"{c['channel_err']:.3f}" if "channel_err" in c else "-",
              f"{c['decisions_changed']:.2%}" if "decisions_changed" in c else "-"] for c in ver.get("cases", [])]
-    return table(["vs input model", "max abs err", "cosine", "top-1", "worst channel err", "decisions changed"],
-                 rows, "lrrrrr")
+    out = table(["vs input model", "max abs err", "cosine", "top-1", "worst channel err", "decisions changed"],
+                rows, "lrrrrr")
+    boxes = [(c["case"], o) for c in ver.get("cases", []) for o in c.get("outputs", []) if "boxes_judged_at" in o]
+    if boxes:
+        case, o = boxes[-1]
+        at = o["boxes_judged_at"]
+        out += (f"\nbox channels of {o['output']} judged where a class scores {at['score_at_least']:g} or more "
+                f"({at['positions']:,} positions on {case}); the other anchors' boxes are dropped by NMS")
+    return out
 
 
 def quantize_summary(side: dict, output) -> str:

@@ -205,6 +205,31 @@ def test_compare_judges_each_channel_on_its_own_range():
     assert compare(r, Outputs(["out"], [[good]]))["channel_err"] < 0.01
 
 
+def test_compare_judges_a_detectors_boxes_where_a_score_selects_them():
+    """[1, 4 + classes, anchors]: INT8 moves the boxes of anchors that no class selects by half
+    their range while the detections stay the same; only the confident anchors' boxes count. A
+    box moved at a confident anchor, or a score rising out of nothing, still fails."""
+    rng = np.random.default_rng(1)
+    ref = np.concatenate([rng.uniform(0, 320, (1, 4, 2000)), rng.uniform(0, 0.01, (1, 3, 2000))], axis=1)
+    ref[0, 4, :20] = rng.uniform(0.3, 0.9, 20)  # 20 anchors hold a detection
+    out = ref.copy()
+    out[0, :4, 100:] += rng.uniform(-160, 160, (4, 1900))  # boxes nobody keeps
+    r = Outputs(["output0"], [[ref]])
+    c = compare(r, Outputs(["output0"], [[out]]))
+    assert c["channel_err"] < 0.01 and c["outputs"][0]["boxes_judged_at"] == {"score_at_least": 0.05,
+                                                                              "positions": 20}
+    moved = out.copy()
+    moved[0, 2, 5] += 100  # one kept box 100 px wider
+    assert compare(r, Outputs(["output0"], [[moved]]))["channel_err_at"] == "output0[channel 2]"
+    ghost = out.copy()
+    ghost[0, 5, 1500] = 0.6  # a class rises out of nothing at an anchor whose box is off
+    ghost[0, :4, 1500] = ref[0, :4, 1500] + 120
+    g = compare(r, Outputs(["output0"], [[ghost]]))
+    assert g["outputs"][0]["boxes_judged_at"]["positions"] == 21 and g["channel_err"] > 0.25
+    rows = np.moveaxis(ref, 1, 2)  # [1, anchors, 4 + classes] (YOLOv5-style): the same rule
+    assert compare(Outputs(["o"], [[rows]]), Outputs(["o"], [[np.moveaxis(out, 1, 2)]]))["channel_err"] < 0.01
+
+
 def test_compare_every_output_and_a_shape_change():
     a = Outputs(["p", "state"], [[np.ones((1, 3)), np.ones((2, 1, 4))]])
     b = Outputs(["p", "state"], [[np.ones((1, 3)), np.zeros((2, 1, 4))]])

@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_PREPROCESS_WARNED: set[str] = set()
 
 
 class _DropPreprocessHint(logging.Filter):
@@ -211,8 +212,10 @@ def _preprocess(src: Path, dst: Path) -> str:
                 quant_pre_process(str(src), str(dst))
             return "quant_pre_process"
         except Exception as e:  # symbolic shape inference raises many kinds
-            logger.warning("quant_pre_process failed (%s); retrying without symbolic shape inference",
-                           first_line(e, 120))
+            why = first_line(e, 120)
+            if why not in _PREPROCESS_WARNED:  # once: a search preprocesses every candidate
+                _PREPROCESS_WARNED.add(why)
+                logger.warning("quant_pre_process failed (%s); retrying without symbolic shape inference", why)
             with contextlib.redirect_stdout(io.StringIO()):
                 quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
             return "quant_pre_process (without symbolic shape inference)"
