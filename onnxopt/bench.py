@@ -165,7 +165,8 @@ def _percentiles(lat_s: list[float], batch: int) -> dict:
 
 def _time_interleaved(variants: list[_Variant], feeds, settings: BenchSettings, desc: str) -> dict[str, list[float]]:
     """Round-robin blocks; each block starts with an untimed run so a variant never pays for the
-    previous one's cache and thread state."""
+    previous one's cache and thread state. Every other round runs the variants in reverse order
+    (A B, B A, ...), so that neither always runs first after a switch or while the machine drifts."""
     for v in variants:
         for _ in range(settings.warmup):
             v.run_once(feeds)
@@ -184,7 +185,7 @@ def _time_interleaved(variants: list[_Variant], feeds, settings: BenchSettings, 
     planned = max(settings.min_rounds, int(budget / max(est_round, 1e-6)))
     bar = progress(total=planned, desc=desc, unit="round")
     while rounds < settings.min_rounds or spent < budget:
-        for v in variants:
+        for v in (variants if rounds % 2 == 0 else variants[::-1]):
             v.run_once(feeds)  # re-warm after the switch, untimed
             for _ in range(block[v.name]):
                 t0 = time.perf_counter()
