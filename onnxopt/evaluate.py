@@ -101,6 +101,10 @@ def predict_all(model, dataset: Dataset, batch: int = 64, provider: str = "cpu",
     return Outputs([o.name for o in sess.get_outputs()], [[np.asarray(a) for a in b] for b in got])
 
 
+# Output names that say a vector is a representation, not class scores.
+EMBEDDING_WORDS = ("embed", "hidden", "pooler", "feature")
+
+
 def _channel_axis(shape: tuple) -> int | None:
     """The axis judged channel by channel: the last of a 2-D output, else the smaller of axis 1
     and the last axis (NCHW maps and [1, 84, anchors] heads: 1; [1, anchors, 85] heads: -1)."""
@@ -134,6 +138,7 @@ class _OutputStats:
         self.argmax_changed = self.argmax_total = 0
         self.flips = self.positives = 0
         self.box_positions: int | None = None  # positions where box channels were judged
+        self.unit_rows: bool | None = None  # every row L2-normalized, with signs: an embedding
         self.ndim = None
 
     def add(self, ref: np.ndarray, out: np.ndarray) -> None:
@@ -158,6 +163,9 @@ class _OutputStats:
         if r.ndim >= 2 and r.shape[-1] > 1:
             self.argmax_changed += int(np.count_nonzero(r.argmax(-1) != o.argmax(-1)))
             self.argmax_total += int(np.prod(r.shape[:-1]))
+            if self.unit_rows is not False:
+                norms = np.linalg.norm(r, axis=-1)
+                self.unit_rows = bool(np.all(np.abs(norms - 1) < 1e-3) and (r < 0).any())
 
     def _channels(self, r: np.ndarray, o: np.ndarray, d: np.ndarray) -> None:
         # Every candidate channel axis is tracked: the preferred one (see _channel_axis) may
@@ -256,9 +264,12 @@ class _OutputStats:
         """Whether the arg-max along the last axis is a decision the model's user takes: the
         judged channel axis is the last one of a [batch, classes] or [.., positions, classes]
         output, and its channels are one kind of score -- not box coordinates (spans over 10)
-        beside probabilities (within [0, 1]), where the arg-max means nothing."""
+        beside probabilities (within [0, 1]), where the arg-max means nothing, nor an embedding
+        (unit-norm rows with signs, or an output named like one)."""
         if acc is None or self.ndim not in (2, 3) or self.axis != self.ndim - 1 or len(self.hi) < 2:
             return False
+        if self.unit_rows or any(w in self.name.lower() for w in EMBEDDING_WORDS):
+            return False  # an embedding's largest dimension is no decision (MiniLM's sentence_embedding)
         prob = (self.lo >= 0) & (self.hi <= 1)
         return not (prob.any() and float((self.hi - self.lo).max()) > 10)
 

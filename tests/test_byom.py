@@ -378,6 +378,18 @@ def test_compare_counts_decisions_only_on_class_scores():
                                               Outputs(["o"], [[anchors + rng.normal(0, .1, anchors.shape)]]))
     boxes = np.concatenate([rng.uniform(0, 640, (1, 300, 4)), rng.uniform(0, 1, (1, 300, 2))], axis=2)
     assert "decisions_changed" not in compare(Outputs(["o"], [[boxes]]), Outputs(["o"], [[boxes[..., ::-1]]]))
+    # A sentence embedding's largest dimension is no decision (MiniLM's default INT8 was refused
+    # for "15.6% of the class decisions" of its unit-norm [batch, 384] output)
+    emb = rng.normal(0, 1, (64, 384))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    noisy = emb + rng.normal(0, 0.02, emb.shape)
+    assert "decisions_changed" not in compare(Outputs(["out"], [[emb]]), Outputs(["out"], [[noisy]]))
+    assert "decisions_changed" not in compare(Outputs(["last_hidden_state"], [[emb * 3]]),
+                                              Outputs(["last_hidden_state"], [[noisy * 3]]))
+    assert "decisions_changed" in compare(Outputs(["logits"], [[emb * 3]]), Outputs(["logits"], [[noisy * 3]]))
+    probs = np.full((64, 10), 1e-4)
+    probs[:, 0] = 1 - 9e-4  # a confident softmax: unit-norm rows too, but no signs: still decisions
+    assert "decisions_changed" in compare(Outputs(["prob"], [[probs]]), Outputs(["prob"], [[probs[:, ::-1]]]))
 
 
 def test_the_default_decision_gate_stands_aside_when_labels_judge():
