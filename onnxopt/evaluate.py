@@ -186,8 +186,8 @@ class _OutputStats:
             lo, hi, q = rc.min(1), rc.max(1), np.quantile(dc, self.QUANTILE, axis=1)
             if axis == pref:
                 q = self._boxes_where_confident(rc, o, axis, n, dc, lo, hi, q)
-            self.acc[axis] = (lo, hi, q) if acc is None else (np.minimum(acc[0], lo), np.maximum(acc[1], hi),
-                                                               np.maximum(acc[2], q))
+            self.acc[axis] = (lo, hi, q, rc.shape[1]) if acc is None else (
+                np.minimum(acc[0], lo), np.maximum(acc[1], hi), np.maximum(acc[2], q), acc[3] + rc.shape[1])
             if axis == pref:
                 prob = (lo >= 0) & (hi <= 1)
                 if prob.any():
@@ -241,7 +241,9 @@ class _OutputStats:
                    ref_max_abs=self.ref_max, cosine_min=float(cos.min()), cosine_mean=float(cos.mean()))
         self.axis, acc = self._judged_axis()
         if acc is not None:
-            self.lo, self.hi, self.err_q = acc
+            self.lo, self.hi, self.err_q, positions = acc
+        # one value per channel has no range to judge it on (a [1, 384] embedding at batch 1)
+        if acc is not None and (positions >= 2 or self.axis is None):
             # A channel's scale is its range over the samples, but never under a tenth of its
             # magnitude: a logit that sits near 10 and moves by 0.02 is not judged on 0.02.
             span = self.hi - self.lo
