@@ -12,9 +12,9 @@ from .errors import BadInput, InternalError, OnnxoptError
 from .gates import Gates
 from .jobs import DataOptions
 from .options import click_options
-from .passes import PruneChannels, PruneMasks, QuantizeStatic, Simplify
+from .passes import PruneChannels, PruneMasks, QuantizeInt4, QuantizeStatic, Simplify
 from .prune import PruneSettings
-from .quantize import STATIC_OPTIONS, QuantizeSettings
+from .quantize import INT4_OPTIONS, STATIC_OPTIONS, QuantizeSettings
 
 
 
@@ -332,6 +332,7 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the s
 @click_options(DataOptions)
 @click_options(QuantizeSettings, ["target"])
 @click_options(QuantizeStatic, list(STATIC_OPTIONS))
+@click_options(QuantizeInt4, list(INT4_OPTIONS))
 @click_options(Gates, ["max_drop", "min_agreement", "min_cosine", "max_channel_error", "max_decision_change", "max_size_mb"])
 @click_options(QuantizeSettings, ["fallback", "max_float_nodes", "speed_check"])
 @_json_option
@@ -340,8 +341,9 @@ def quantize(model, output, as_json, **options):
 
     With no options: CNNs get static INT8 as QDQ, uint8 activations and int8 per-channel weights
     after quant_pre_process; transformers get ORT's transformer fusions and dynamic per-channel
-    INT8; --target cuda gets FP16 with float32 IO. Exit 3 when a gate fails (the model and its
-    sidecar are written, so you can look).
+    INT8; --target cuda gets FP16 with float32 IO. --mode int4 stores MatMul weights (and with
+    --int4-embedding the embedding table) in 4-bit blocks, for size. Exit 3 when a gate fails (the
+    model and its sidecar are written under a .rejected name, so you can look).
 
     \b
     Examples:
@@ -349,6 +351,7 @@ def quantize(model, output, as_json, **options):
       onnxopt quantize minilm.onnx -o minilm-int8.onnx
       onnxopt quantize resnet18.onnx -o r18-int8.onnx --data calib.npz --method entropy
       onnxopt quantize resnet18.onnx -o r18-int8.onnx --data val_images/ --max-drop 1%rel
+      onnxopt quantize minilm.onnx -o minilm-int4.onnx --mode int4 --int4-embedding --min-cosine 0.95
     """
     from .quantize import quantize as api_quantize
     from .render import quantize_summary

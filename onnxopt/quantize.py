@@ -30,8 +30,8 @@ from .feeds import Dataset
 from .gates import Gates, gate_data, measure
 from .jobs import (DataOptions, calibration_data, check_output, check_runs, eval_data, job_gates, speed_check,
                    verify_variant, write_variant)
-from .options import build, check_choices, option, split
-from .passes import QuantizeStatic, choose_mode
+from .options import build, check_choices, fields_of, option, split
+from .passes import QuantizeInt4, QuantizeStatic, choose_mode
 from .passes._common import looks_like_transformer, op_counts, refuse_quantized
 from .passes.quantize import TARGETS
 from .runner import Step, calibration_feeds, run_steps
@@ -41,10 +41,12 @@ __all__ = ["quantize", "QuantizeSettings", "MODES", "quantize_steps"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "static", "dynamic", "fp16")
+MODES = ("auto", "static", "dynamic", "int4", "fp16")
 # The static quantizer's settings a user sets through the quantize job (the rest are the pass's).
 STATIC_OPTIONS = ("method", "per_channel", "format", "activation_type", "weight_type", "calibration_samples",
                   "nodes_to_exclude")
+# --mode int4's own settings (QuantizeInt4's fields; --exclude is shared with the static quantizer's).
+INT4_OPTIONS = ("int4_method", "block_size", "int4_embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +119,11 @@ def quantize_steps(mode: str, model: ir.Model, static: dict, job: QuantizeSettin
         per_channel = static.get("per_channel", True)
         return chosen, why, pre, lambda excl: Step("quantize-dynamic", {"per_channel": per_channel,
                                                                         "nodes_to_exclude": excl})
+    if chosen == "int4":
+        # No transformer fusions first: ORT's Attention fusion packs Q/K/V into one input of the
+        # fused op, which MatMulNBits cannot take, and 4-bit weights are the point here.
+        settings = {k: v for k, v in static.items() if k in fields_of(QuantizeInt4) and k != "nodes_to_exclude"}
+        return chosen, why, [], lambda excl: Step("quantize-int4", {**settings, "nodes_to_exclude": excl})
     return chosen, why, [], lambda excl: Step("fp16", {"node_block_list": excl})
 
 
@@ -231,21 +238,39 @@ def _maybe_fallback(base, qproto, plan, feeds, eval_ds, ref_out, gates, job, exc
 # ---- the job -----------------------------------------------------------------------------------
 
 def _parse(options: dict) -> tuple[QuantizeSettings, DataOptions, Gates, dict]:
-    job, data, gate_opts, static = split(options, QuantizeSettings, DataOptions, Gates, QuantizeStatic)
+    job, data, gate_opts, static, int4 = split(options, QuantizeSettings, DataOptions, Gates, QuantizeStatic,
+                                               QuantizeInt4)
     job = build(QuantizeSettings, job, what="quantize")
     data = build(DataOptions, data, what="quantize")
     gates = job_gates(gate_opts)
     check_choices(QuantizeStatic, static)
-    return job, data, gates, static
+    check_choices(QuantizeInt4, int4)
+    if job.mode == "int4":  # its settings' mistakes before any work (the data comes later)
+        build(QuantizeInt4, int4, what="quantize", calibration=True if int4.get("int4_method") == "gptq" else None)
+    # The CLI passes every option, defaults included: a setting counts as given when it differs.
+    int4_set = [k for k, v in int4.items() if _differs(QuantizeInt4, k, v)]
+    if int4_set and job.mode != "int4":
+        flag = "--" + int4_set[0].replace("_", "-")
+        raise BadInput(flag, f"is a setting of --mode int4, not of --mode {job.mode}", "add --mode int4")
+    static_only = [k for k, v in static.items() if k != "nodes_to_exclude" and _differs(QuantizeStatic, k, v)]
+    if job.mode == "int4" and static_only:
+        raise BadInput("--" + static_only[0].replace("_", "-"), "is a setting of the INT8 quantizers, not of --mode int4",
+                       "INT4's are --int4-method, --block-size and --int4-embedding")
+    return job, data, gates, {**static, **int4}
+
+
+def _differs(cls, name: str, value) -> bool:
+    default = fields_of(cls)[name].default
+    return (tuple(value) if isinstance(value, list) else value) != default
 
 
 def _plan(model: ir.Model, proto, prev, job: QuantizeSettings, data: DataOptions, static: dict, eval_ds) -> _Plan:
     chosen, why, pre, quant = quantize_steps(job.mode, model, static, job)
     plan = _Plan(chosen, why, pre, quant)
-    if chosen == "static":
+    if chosen == "static" or (chosen == "int4" and static.get("int4_method") == "gptq"):
         plan.calibration, plan.calibration_name = calibration_data(data.data, proto, prev, eval_ds)
         if plan.calibration is None:
-            raise BadInput("--data", "static quantization needs calibration data",
+            raise BadInput("--data", f"{'static quantization' if chosen == 'static' else 'GPTQ'} needs calibration data",
                            "pass --data digits, an .npz file, an image folder or module:function")
     return plan
 
@@ -255,7 +280,7 @@ def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
 
     Options (each declared once, with its help text, as a dataclass field):
 
-    * :class:`QuantizeSettings`: ``mode`` (auto | static | dynamic | fp16), ``target`` (cpu |
+    * :class:`QuantizeSettings`: ``mode`` (auto | static | dynamic | int4 | fp16), ``target`` (cpu |
       cuda), ``fallback`` (True: when the gate fails, rank nodes by the accuracy they lose and leave
       the most sensitive in float until it holds, at most ``max_float_nodes``), ``speed_check``
       (time the result against the input and refuse it when slower; None = unless the input is a
@@ -268,6 +293,8 @@ def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
       ``"2%rel"``), ``min_agreement``, ``min_cosine``, ``max_size_mb``.
     * :class:`onnxopt.passes.QuantizeStatic`: ``method``, ``per_channel``, ``format``,
       ``activation_type``, ``weight_type``, ``calibration_samples``, ``nodes_to_exclude``.
+    * :class:`onnxopt.passes.QuantizeInt4` (``mode="int4"``): ``int4_method``, ``block_size``,
+      ``int4_embedding``.
 
     Raises GateFailed (exit 3; the model is written as ``<output>.rejected.onnx``, with the
     verification in the sidecar)
@@ -291,7 +318,8 @@ def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
     qproto, qrecs = run_steps(base, [plan.quant(excluded)], calibration=feeds, where=None)
     provider = "cuda" if plan.chosen == "fp16" and "cuda" in available_providers() else "cpu"
     fb_report, ref_out = None, None
-    if _data_gated(gates) and eval_ds is not None and job.fallback and plan.chosen != "fp16" and provider == "cpu":
+    if (_data_gated(gates) and eval_ds is not None and job.fallback and plan.chosen in ("static", "dynamic")
+            and provider == "cpu"):
         ref_out = predict_all(proto, gate_data(eval_ds), where="reference")  # read again by the verification
         qproto, fb_recs, fb_report = _maybe_fallback(base, qproto, plan, feeds, eval_ds, ref_out, gates, job, excluded)
         qrecs = fb_recs or qrecs
@@ -311,7 +339,7 @@ def _write(model_path, output, proto, out_proto, records, plan: _Plan, job: Quan
     if fb_report is not None:
         extra["fallback"] = fb_report
     speed_checks = []
-    why_timed = _why_speed_check(job, fb_report, prev)
+    why_timed = _why_speed_check(job, fb_report, prev, plan.chosen)
     if why_timed and provider == "cpu":
         extra["speed_check"], check = speed_check(
             proto, out_proto, eval_ds, why_timed,
@@ -331,12 +359,14 @@ def _write(model_path, output, proto, out_proto, records, plan: _Plan, job: Quan
     return sidecar
 
 
-def _why_speed_check(job: QuantizeSettings, fb_report, prev) -> str | None:
+def _why_speed_check(job: QuantizeSettings, fb_report, prev, plan_chosen: str = "") -> str | None:
     """Why the result is timed against its input (None: it is not). By default it is whenever the
     speed-up is not known: a model that is not one of onnxopt's built-in families (whose INT8
     speed-ups are measured in benchmarks/), or one with nodes the fallback left in float."""
     if job.speed_check is not None:
         return "--speed-check" if job.speed_check else None
+    if plan_chosen == "int4":
+        return None  # asked for by name, for size: weight-only INT4 is not faster on compute-bound MatMuls
     if fb_report and fb_report.get("kept_float"):
         return f"{len(fb_report['kept_float'])} node(s) left in float by the fallback"
     source = (prev or {}).get("source") or {}
@@ -348,6 +378,8 @@ def _why_speed_check(job: QuantizeSettings, fb_report, prev) -> str | None:
 def _hint(plan: _Plan, job: QuantizeSettings, gates: Gates) -> str:
     if plan.chosen == "fp16":
         return "fp16 has no fallback; block ops with --exclude"
+    if plan.chosen == "int4":
+        return "try a smaller --block-size, --int4-method hqq, --exclude NODE, or --mode dynamic (INT8)"
     if not job.fallback:
         return "try --method entropy, or drop --no-fallback: it leaves the most sensitive nodes in float"
     if gates.max_drop is None:

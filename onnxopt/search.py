@@ -43,8 +43,8 @@ __all__ = ["search", "search_space", "evaluate_variants", "pareto_front", "torch
 SEARCH_CALIBRATION = 64
 INT8 = (Step("quant-preprocess"), Step("quantize-static", {"calibration_samples": SEARCH_CALIBRATION}))
 # Passes the built-in candidates compose; any other pass with search values is offered alone.
-_COMPOSED = {"simplify", "quant-preprocess", "quantize-static", "quantize-dynamic", "fp16", "prune-masks",
-             "prune-channels"}
+_COMPOSED = {"simplify", "quant-preprocess", "quantize-static", "quantize-dynamic", "quantize-int4", "fp16",
+             "prune-masks", "prune-channels"}
 
 
 def pareto_front(rows: list[dict]) -> list[str]:
@@ -120,7 +120,11 @@ def search_space(model: onnx.ModelProto, *, has_calibration: bool, target: str =
     elif is_tf:
         fuse = Step("simplify", {"transformer": "bert", "gelu_approximation": True, "skip_layer_norm": False})
         cands += [{"name": "fused", "steps": [Step("simplify", {"transformer": "bert"})]},
-                  {"name": "fused + dynamic INT8", "steps": [fuse, Step("quantize-dynamic")]}]
+                  {"name": "fused + dynamic INT8", "steps": [fuse, Step("quantize-dynamic")]},
+                  # weight-only 4-bit: for size (measured slower than INT8 on MiniLM at seq 128;
+                  # benchmarks/results/int4.md), judged by the same gates
+                  {"name": "INT4 weights", "steps": [Step("quantize-int4")]},
+                  {"name": "INT4 weights + embedding", "steps": [Step("quantize-int4", {"int4_embedding": True})]}]
     else:
         cands.append({"name": "simplified", "steps": [Step("simplify")]})
         if has_calibration and "quantize-static" in passes:

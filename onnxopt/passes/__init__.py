@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from ._common import PassResult
 from .prune import PruneChannels, PruneMasks
-from .quantize import ConvertFP16, QuantizeDynamic, QuantizeStatic, QuantPreprocess, choose_mode
+from .quantize import ConvertFP16, QuantizeDynamic, QuantizeInt4, QuantizeStatic, QuantPreprocess, choose_mode
 from .simplify import Simplify
 
-__all__ = ["PASSES", "PassResult", "Simplify", "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "ConvertFP16",
+__all__ = ["PASSES", "PassResult", "Simplify", "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "QuantizeInt4",
+           "ConvertFP16",
            "choose_mode", "PruneMasks", "PruneChannels"]
 
 PASSES = {
@@ -20,6 +21,7 @@ PASSES = {
     "quant-preprocess": QuantPreprocess,
     "quantize-static": QuantizeStatic,
     "quantize-dynamic": QuantizeDynamic,
+    "quantize-int4": QuantizeInt4,
     "fp16": ConvertFP16,
     "prune-masks": PruneMasks,
     "prune-channels": PruneChannels,

@@ -41,7 +41,8 @@ from ._common import OnnxoptPass, PassResult, looks_like_transformer, op_counts,
 from ._ort import to_proto, via_ort
 
 __all__ = [
-    "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "ConvertFP16", "CalibrationFeeds", "choose_mode",
+    "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "QuantizeInt4", "INT4_METHODS", "ConvertFP16",
+    "CalibrationFeeds", "choose_mode",
     "refuse_quantized", "METHODS", "FORMATS", "QTYPES", "TARGETS", "FP16_BLOCK_LIST",
 ]
 
@@ -440,6 +441,132 @@ class QuantizeDynamic(_PerChannelOpset, OnnxoptPass):
                 nodes_to_exclude=list(self.nodes_to_exclude) or None,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
+
+
+INT4_METHODS = ("rtn", "hqq", "gptq")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeInt4(OnnxoptPass):
+    """4-bit weight-only quantization of MatMul weights with ``onnxruntime.quantization``'s
+    ``MatMulNBitsQuantizer``: each MatMul with a constant 2-D weight becomes ORT's
+    ``com.microsoft.MatMulNBits`` (weights in blocks of ``block_size`` along the input axis, one
+    scale and, asymmetric, one zero point per block); activations stay float.
+
+    Options:
+
+    * ``int4_method``: ``rtn`` (ORT's block-wise round-to-nearest ``DefaultWeightOnlyQuantizer``),
+      ``hqq`` (half-quadratic quantization, no data) or ``gptq`` (needs calibration data; ORT's
+      port of Intel Neural Compressor's GPTQ).
+    * ``block_size`` (32): 16..256, a power of two. Smaller blocks are more accurate and larger.
+    * ``symmetric`` (False): asymmetric blocks (a zero point each) measured more accurate on MiniLM.
+    * ``accuracy_level`` (0, ORT's default): MatMulNBits' compute type. 0 dequantizes to fp32;
+      4 quantizes the activations to int8 per block for integer dot products, which measured
+      slower (0.86x of level 0 on MiniLM, on a 2-core Xeon) and less accurate; set on every
+      MatMulNBits node when not 0, HQQ's included.
+    * ``int4_embedding`` (False): the embedding table (``Gather`` of a constant) too, as
+      ``GatherBlockQuantized``, whose int4 table needs opset 21: the front door converts the
+      file's opset first, checked on a sample (or, when it cannot, the table stays float).
+    * ``nodes_to_exclude``: node names kept in float.
+
+    Weight-only INT4 saves size, not time, on encoders at sequence lengths past a few tokens:
+    their MatMuls are compute-bound (see benchmarks/results/int4.md).
+    """
+
+    calibration: Any = data_field()
+    int4_method: str = option("rtn", "INT4 weight rounding: rtn (round to nearest per block), hqq (no data), "
+                              "gptq (uses --data).", choices=INT4_METHODS)
+    block_size: int = option(32, "INT4 weights per block (16-256, a power of 2; smaller: more accurate).")
+    symmetric: bool = option(False, "Symmetric INT4 blocks (no zero points).", cli=False)
+    accuracy_level: int = option(0, "MatMulNBits compute type (0: fp32, 4: int8 dot products).", cli=False,
+                                 choices=(0, 1, 2, 3, 4))
+    int4_embedding: bool = option(False, "Also store the embedding table in 4 bits (GatherBlockQuantized).")
+    nodes_to_exclude: tuple[str, ...] = option((), "Node name to leave in float (repeatable).", flag="--exclude")
+
+    def __post_init__(self):
+        check_choice(self.int4_method, INT4_METHODS, "--int4-method")
+        b = int(self.block_size)
+        if b < 16 or b > 256 or b & (b - 1):
+            raise BadInput("--block-size", f"{self.block_size} is not a power of 2 from 16 to 256")
+        if self.int4_method == "gptq" and self.calibration is None:
+            raise BadInput("--data", "GPTQ needs calibration data", "pass --data, or --int4-method rtn or hqq")
+        if self.int4_embedding and self.int4_method != "rtn":
+            raise BadInput("--int4-embedding", f"{self.int4_method.upper()} quantizes MatMul weights only",
+                           "use --int4-method rtn")
+        object.__setattr__(self, "nodes_to_exclude", tuple(self.nodes_to_exclude))
+
+    def min_opset(self) -> int:
+        # GatherBlockQuantized's int4 table needs opset 21; ORT's quantizer would only relabel the
+        # opset (its own warning: "the generated model may not be a valid model"), so the front
+        # door converts it, checked on a sample.
+        return 21 if self.int4_embedding else 0
+
+    def for_opset(self, have: int, reason: str):
+        return (dataclasses.replace(self, int4_embedding=False),
+                f"opset {have} kept ({reason}): the embedding table stays float")
+
+    def call(self, model: ir.Model) -> PassResult:
+        before = op_counts(model)
+        new, _ = via_ort(model, self._quantize, where="quantize")
+        after = op_counts(new)
+        if not after.get("MatMulNBits"):
+            raise BadInput("model", "has no MatMul with a constant 2-D weight for INT4 weight-only quantization",
+                           "INT4 is for transformer MatMuls; use --mode static for convolutional models")
+        stats = _quant_stats(before, new)
+        stats.update(int4={"method": self.int4_method, "block_size": int(self.block_size),
+                           "matmuls": after.get("MatMulNBits", 0), "embeddings": after.get("GatherBlockQuantized", 0)})
+        return PassResult(new, modified=True, stats=stats)
+
+    def _config(self, proto: onnx.ModelProto):
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+        ops = ("MatMul", "Gather") if self.int4_embedding else ("MatMul",)
+        if self.int4_method == "hqq":
+            return mnb.HQQWeightOnlyQuantConfig(block_size=int(self.block_size))
+        if self.int4_method == "gptq":
+            return mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Rewinding(self.calibration, proto),
+                                                 block_size=int(self.block_size))
+        return mnb.DefaultWeightOnlyQuantConfig(block_size=int(self.block_size), is_symmetric=self.symmetric,
+                                                accuracy_level=self.accuracy_level or None, op_types_to_quantize=ops)
+
+    def _quantize(self, src: Path, dst: Path, work: Path) -> None:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        proto = onnx.load(str(src))
+        if self.int4_embedding and proto.ir_version < 10:
+            proto.ir_version = 10  # int4 tensors need IR 10 (ORT's quantizer would warn and do the same)
+        q = MatMulNBitsQuantizer(proto, block_size=int(self.block_size), is_symmetric=self.symmetric,
+                                 accuracy_level=self.accuracy_level or None,
+                                 nodes_to_exclude=list(self.nodes_to_exclude), algo_config=self._config(proto))
+        level = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").level
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+        try:
+            with _quiet_ort_quantizer(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                q.process()
+        finally:
+            logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(level)
+        out = q.model.model
+        for n in out.graph.node:
+            if n.op_type == "MatMulNBits" and self.accuracy_level and not any(
+                    a.name == "accuracy_level" for a in n.attribute):
+                n.attribute.append(onnx.helper.make_attribute("accuracy_level", self.accuracy_level))
+        onnx.save_model(out, str(dst))
+
+
+class _Rewinding:
+    """What ORT's GPTQ wants: a reader it can deep-copy and iterate (one feed dict at a time)."""
+
+    def __init__(self, calibration, proto: onnx.ModelProto):
+        self.reader = calibration if hasattr(calibration, "get_next") else CalibrationFeeds(calibration, proto)
+
+    def __iter__(self):
+        if hasattr(self.reader, "rewind"):
+            self.reader.rewind()
+        return iter(self.reader.get_next, None)
+
+    def __deepcopy__(self, memo):
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
