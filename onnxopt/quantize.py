@@ -107,7 +107,7 @@ def quantize_steps(mode: str, model: ir.Model, static: dict, job: QuantizeSettin
             raise BadInput("--mode", "dynamic quantization makes convolutional models slower than fp32 "
                            "(ConvInteger runs 4-10x slower than float Conv on x86)", "use --mode static")
     if chosen == "static":
-        settings = {k: v for k, v in static.items() if k != "nodes_to_exclude"}
+        settings = {k: v for k, v in static.items() if k in fields_of(QuantizeStatic) and k != "nodes_to_exclude"}
         return chosen, why, [Step("quant-preprocess")], lambda excl: Step(
             "quantize-static", {**settings, "preprocess": False, "nodes_to_exclude": excl})
     if chosen == "dynamic":
