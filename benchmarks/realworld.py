@@ -68,16 +68,26 @@ def _cli(args: list[str], timeout: float) -> dict:
             "stderr_tail": "\n".join(lines[-12:]) if rc not in (0,) else ""}
 
 
+REPEAT = 1  # set by --repeat: independent interleaved timings per row, the median reported
+
+
 def _speed(original: Path, candidate: Path, feeds, seconds: float) -> dict:
+    import statistics
+
     import onnx
 
     from onnxopt.bench import speed_ratio
 
     try:
-        return speed_ratio(onnx.load(str(original)), onnx.load(str(candidate)), feeds,
-                           seconds=seconds, threads=2)
+        a, b = onnx.load(str(original)), onnx.load(str(candidate))
+        runs = [speed_ratio(a, b, feeds, seconds=seconds, threads=2) for _ in range(REPEAT)]
     except Exception as e:  # the table says why a row has no ratio
         return {"speedup": None, "why": f"{type(e).__name__}: {e}"[:200]}
+    ratios = [r["speedup"] for r in runs]
+    out = dict(runs[0], speedup=statistics.median(ratios))
+    if len(runs) > 1:
+        out["speedup_runs"] = ratios
+    return out
 
 
 class _Reader:
@@ -181,15 +191,20 @@ def _fmt(row) -> str:
     pipe = "" if "pipeline_ok" not in row else ("same" if row["pipeline_ok"] else f"**changed** ({row['pipeline']})")
     sp = row.get("speedup")
     why = row.get("error", "").replace("|", "\\|")
+    runs = row.get("speedup_runs") or []
+    lat = f"{sp:.2f}x" if sp else ""
+    if len(runs) > 1:
+        lat += f" ({min(runs):.2f}-{max(runs):.2f}, {len(runs)} runs)"
     return (f"| {row['file']} | {row['command']} | {rc} | {'yes' if row.get('traceback') else ''} | {pipe} | "
-            f"{row['size_ratio'] if 'size_ratio' in row else ''} | {f'{sp:.2f}x' if sp else ''} | {why} |")
+            f"{row['size_ratio'] if 'size_ratio' in row else ''} | {lat} | {why} |")
 
 
 def markdown(rows, made_by: list[str], env) -> str:
     lines = ["# Real-world corpus: every command on every file", "",
              "Made by: " + ", then ".join(f"`{c}`" for c in made_by), "",
              f"Machine: {env}. ORT CPU, 2 threads, spinning off; latency ratio = original p50 / "
-             "variant p50, interleaved, on the file's first recorded sample (> 1: faster). "
+             "variant p50, interleaved, on the file's first recorded sample (> 1: faster; where a range "
+             "is given, the median of that many independent timings). "
              "`(copy of itself)` is the original timed against a byte copy (should read ~1.00x). "
              "`pipeline` is the package's own answer with the variant swapped in, against the "
              "shipped file's. ort-static / ort-dynamic are onnxruntime.quantization's "
@@ -205,6 +220,7 @@ def markdown(rows, made_by: list[str], env) -> str:
     slower = [r for r in ours if r.get("rc") == 0 and r.get("speedup") is not None and r["speedup"] < 0.97]
     fast_list = ", ".join("%s %.2fx" % (r["file"], r["speedup"]) for r in fast)
     controls = [r["speedup"] for r in rows if r["command"] == "(copy of itself)" and r.get("speedup")]
+    repeated = [r["speedup"] for r in rows if r["command"] == "(copy of itself)" and r.get("speedup_runs")]
     best: dict = {}
     for r in rows:
         if (r.get("pipeline_ok") and not r["command"].startswith(("ort-", "(")) and (r.get("speedup") or 0) >= 1.3
@@ -220,7 +236,9 @@ def markdown(rows, made_by: list[str], env) -> str:
               f"slower than the original (< 0.97x): {len(slower)}",
               f"- any onnxopt command >= 1.3x with the answer unchanged: {len(best)} file(s) ({best_list})",
               f"- the original against a byte copy of itself: {min(controls, default=1):.2f}-"
-              f"{max(controls, default=1):.2f}x (the noise of these timings: ratios inside it are not a result)",
+              f"{max(controls, default=1):.2f}x (the noise of these timings: ratios inside it are not a result)"
+              + (f"; {min(repeated):.2f}-{max(repeated):.2f}x as the median of repeated timings "
+                 f"({', '.join(sorted({r['file'] for r in rows if r.get('speedup_runs')}))})" if repeated else ""),
               "- ORT plain defaults: "
               + "; ".join(f"{k}: {sum(r.get('rc') == 0 for r in rows if r['command'] == k)} written, "
                           f"{sum(r.get('pipeline_ok') is False for r in rows if r['command'] == k)} change the answer, "
@@ -235,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--commands", default=",".join([*COMMANDS, "ort-static", "ort-dynamic"]))
     ap.add_argument("--duration", type=float, default=1.5, help="seconds of interleaved timing per pair")
     ap.add_argument("--no-time", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="independent interleaved timings per row; the table gives the median and the range")
     ap.add_argument("--cache", default=str(ROOT / ".pytest_cache" / "d" / "realworld"))
     ap.add_argument("--no-write", action="store_true", help="print, do not write results/")
     ap.add_argument("--merge", action="store_true",
@@ -246,6 +266,8 @@ def main(argv=None) -> int:
         old["env"] = old.get("env") or _env()
         write_results("realworld", old, markdown(old["rows"], old.get("made_by", []), old["env"]))
         return 0
+    global REPEAT
+    REPEAT = max(1, a.repeat)
     entries = [corpus.by_key(k) for k in a.only.split(",")] if a.only else corpus.ENTRIES
     commands = [c for c in a.commands.split(",") if c]
     cache = Path(a.cache)
