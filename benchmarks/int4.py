@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def search(src: Path, work: Path, budget: int) -> dict:
     out = work / "search"
     cmd = [sys.executable, "-m", "onnxopt.cli", "optimize", str(src), "-o", str(out), "--min-cosine", "0.99",
            "--budget", str(budget), "--duration", "1", "--no-memory", "--no-torch", "--json"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         rep = json.loads(p.stdout)
     except ValueError:
