@@ -20,14 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnxopt  # noqa: E402
 from onnxopt.bench import BenchSettings  # noqa: E402
-from onnxopt.evaluate import predict  # noqa: E402
+from onnxopt.evaluate import cosine_rows, predict  # noqa: E402
 from onnxopt.feeds import Dataset  # noqa: E402
 from onnxopt.quantize import quantize  # noqa: E402
 
@@ -69,9 +68,7 @@ def cosines(paths: list[Path]) -> list[dict]:
     ref = predict(paths[0], ds)
     out = []
     for p in paths:
-        o = predict(p, ds)
-        r, q = ref.reshape(len(ref), -1), o.reshape(len(o), -1)
-        cos = (r * q).sum(1) / (np.linalg.norm(r, axis=1) * np.linalg.norm(q, axis=1))
+        cos = cosine_rows(ref, predict(p, ds))
         out.append({"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())})
     return out
 

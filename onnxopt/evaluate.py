@@ -184,24 +184,22 @@ class _OutputStats:
             if rc.shape[1] == 0:
                 continue
             lo, hi, q = rc.min(1), rc.max(1), np.quantile(dc, self.QUANTILE, axis=1)
-            if axis == pref:
-                q = self._boxes_where_confident(rc, o, axis, n, dc, lo, hi, q)
+            prob = (lo >= 0) & (hi <= 1)  # channels holding probabilities
+            if axis == pref and prob.any():
+                oc = o.reshape(1, -1) if axis is None else np.moveaxis(o, axis, 0).reshape(n, -1)
+                q = self._boxes_where_confident(rc, oc, dc, prob, hi - lo, q)
+                ref_pos, out_pos = rc[prob] > 0.5, oc[prob] > 0.5
+                self.flips += int(np.count_nonzero(ref_pos != out_pos))
+                self.positives += int(np.count_nonzero(ref_pos))
             self.acc[axis] = (lo, hi, q, rc.shape[1]) if acc is None else (
                 np.minimum(acc[0], lo), np.maximum(acc[1], hi), np.maximum(acc[2], q), acc[3] + rc.shape[1])
-            if axis == pref:
-                prob = (lo >= 0) & (hi <= 1)
-                if prob.any():
-                    oc = o.reshape(1, -1) if axis is None else np.moveaxis(o, axis, 0).reshape(n, -1)
-                    ref_pos, out_pos = rc[prob] > 0.5, oc[prob] > 0.5
-                    self.flips += int(np.count_nonzero(ref_pos != out_pos))
-                    self.positives += int(np.count_nonzero(ref_pos))
         if self.first_axis is None:
             self.first_axis = pref
         for axis in list(self.acc):
             if axis not in cands | {None}:
                 self.acc[axis] = False  # the rank or the shape rule changed between samples
 
-    def _boxes_where_confident(self, rc, o, axis, n, dc, lo, hi, q):
+    def _boxes_where_confident(self, rc, oc, dc, prob, span, q):
         """A detector head's box coordinates (channels spanning over ``BOX_SPAN``) beside class
         scores (channels within [0, 1]) in one tensor, as YOLO-style heads emit them: the boxes
         are judged only at the positions that some score, in the reference or the variant,
@@ -211,10 +209,9 @@ class _OutputStats:
         0.50 of the range over all 2100 anchors, 0.015 over the 147 that score 0.05 or more).
         The scores themselves are still judged at every position, so a score that rises out of
         nothing and makes a detection fails the channel error and the flips."""
-        prob, box = (lo >= 0) & (hi <= 1), (hi - lo) > self.BOX_SPAN
-        if not prob.any() or not box.any():
+        box = span > self.BOX_SPAN
+        if not box.any():
             return q
-        oc = np.moveaxis(o, axis, 0).reshape(n, -1)
         conf = (rc[prob].max(0) >= self.CONFIDENT) | (oc[prob].max(0) >= self.CONFIDENT)
         self.box_positions = (self.box_positions or 0) + int(np.count_nonzero(conf))
         q = q.copy()

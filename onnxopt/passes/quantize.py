@@ -538,14 +538,14 @@ class QuantizeInt4(OnnxoptPass):
         q = MatMulNBitsQuantizer(proto, block_size=int(self.block_size), is_symmetric=self.symmetric,
                                  accuracy_level=self.accuracy_level or None,
                                  nodes_to_exclude=list(self.nodes_to_exclude), algo_config=self._config(proto))
-        level = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").level
-        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+        log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")  # INFO per node
+        level = log.level
+        log.setLevel(logging.WARNING)
         try:
-            with _quiet_ort_quantizer(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
+            with _quiet_ort_quantizer():
                 q.process()
         finally:
-            logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(level)
+            log.setLevel(level)
         out = q.model.model
         for n in out.graph.node:
             if n.op_type == "MatMulNBits" and self.accuracy_level and not any(
