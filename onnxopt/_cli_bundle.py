@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._cli_context import CONTEXT
+from ._cli_context import CONTEXT, external_data_option
 from .errors import VerificationFailed
 
 __all__ = ["pack", "verify_bundle"]
@@ -13,6 +13,7 @@ __all__ = ["pack", "verify_bundle"]
 @click.command("pack", context_settings=CONTEXT)
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the bundle (.tar.gz).")
+@external_data_option
 @click.option("--labels", type=click.Path(), help="Text file with one class name per line, in class-index order.")
 @click.option("--preprocess", type=click.Choice(["imagenet", "unit", "raw", "none"]), default="none",
               show_default=True, help="How an image becomes the model's NCHW input (recorded in the manifest, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._cli_context import CONTEXT
+from ._cli_context import CONTEXT, external_data_option
 from .errors import BadInput
 
 __all__ = ["ensemble"]
@@ -29,6 +29,7 @@ def _input_map(items: tuple[str, ...]) -> dict[int, dict[str, str]]:
 @click.command("ensemble", context_settings=CONTEXT)
 @click.argument("models", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the fused .onnx file.")
+@external_data_option
 @click.option("--method", type=click.Choice(["parallel", "cascade", "soup"]), default="parallel", show_default=True,
               help="parallel: all models, outputs combined; cascade: SMALL BIG, the big one only when the small "
               "one is unsure; soup: one model with the averaged weights of same-architecture models.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from ._cli_context import CONTEXT
+from ._cli_context import CONTEXT, external_data_option
 from .distill import DistillSettings, distill as api_distill
 from .head import HeadSettings, head as api_head
 from .options import click_options
@@ -22,7 +22,7 @@ def _command(name: str, argument: str, settings, what: str):
     decorators = [click.command(name, context_settings=CONTEXT), click.argument(argument),
                   click.option("-o", "--output", required=True, type=click.Path(),
                                help=f"Where to write the {what} .onnx file."),
-                  click_options(settings),
+                  external_data_option, click_options(settings),
                   click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")]
 
     def deco(fn):

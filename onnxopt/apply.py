@@ -83,7 +83,7 @@ class _Job:
     def run(self, settings: dict):
         """(model, step records, verification, the first problem or None): the pass run and
         judged as the job judges it (random-input cosine, then the gates)."""
-        from .artifact import model_bytes
+        from .artifact import model_size
         from .jobs import judge
 
         out, records = run_steps(self.proto, [Step(self.pass_name, settings)], calibration=self.calib, where=None)
@@ -93,7 +93,7 @@ class _Job:
         if bad is not None:
             problem = f"cosine {bad['cosine_min']:.5f} on {bad['case']}"
         else:
-            failed = [c for c in judge(self.gates, ver, len(model_bytes(out))) if not c["passed"]]
+            failed = [c for c in judge(self.gates, ver, model_size(out)) if not c["passed"]]
             if failed:
                 problem = f"{failed[0]['gate']} {failed[0]['value']:g} (limit {failed[0]['limit']:g})"
         return out, records, ver, problem

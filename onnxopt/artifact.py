@@ -7,11 +7,14 @@ temp file in the target folder, are fsynced, then renamed, so a reader never see
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,26 @@ __all__ = [
     "atomic_write_bytes",
     "io_signature",
     "sha256_bytes",
+    "model_size",
+    "model_digest",
+    "write_model",
+    "external_data",
+    "external_locations",
+    "EXTERNAL_AUTO_BYTES",
+    "on_disk",
+    "wants_external",
+    "clear_default_locations",
+    "GZIP_UP_TO",
 ]
 
 logger = logging.getLogger(__name__)
 
 _PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
+EXTERNAL_AUTO_BYTES = 1 << 30  # a model this big or bigger is written with its weights in a .data file
+_EXTERNAL_MIN_TENSOR = 1024  # smaller tensors stay inline (onnx's own default threshold)
+GZIP_UP_TO = 256 << 20  # files this big get no gzip size (it would take minutes and a copy)
+_ALIGN = 4096  # each external tensor starts on a page: ONNX Runtime can map it instead of copying
+_FORCE_EXTERNAL: contextvars.ContextVar[bool] = contextvars.ContextVar("onnxopt_external_data", default=False)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -48,34 +66,8 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename."""
-    path = check_writable(path)
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BadInput(str(folder), f"cannot create the output folder ({e.strerror})") from None
-    try:
-        # the temp name stays short: a name near the filesystem's limit must fail on its own
-        fd, tmp = tempfile.mkstemp(prefix=".onnxopt.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise BadInput(str(path), f"cannot write into {folder} ({e.strerror})") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written model gets normal permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise BadInput(str(path), f"cannot be written ({e.strerror or type(e).__name__})") from None
-        raise
+    with _atomic_file(check_writable(path)) as f:
+        f.write(data)
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -157,11 +149,18 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if main_opset > newest:
         raise BadInput(str(p), f"declares opset {main_opset}, newer than any this onnx {onnx.__version__} knows "
                        f"(up to {newest})", f"export it at opset {newest} or lower")
-    try:
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+    locations = external_locations(model)
+    if locations:
+        confine_external(locations, p)
+        for loc in locations:
+            if not (p.parent / loc).is_file():
+                raise BadInput(str(p), f"its external data file '{loc}' is missing",
+                               "copy the .data file beside the model")
+        try:
             onnx.load_external_data_for_model(model, str(p.parent))
-    except Exception as e:
-        raise BadInput(str(p), f"cannot load its external data ({first_line(e)})") from None
+        except Exception as e:
+            raise BadInput(str(p), f"cannot load its external data ({first_line(e)})") from None
+        clear_default_locations(model)
     if check:
         check_model(model, str(p))
     return model
@@ -173,6 +172,9 @@ def check_model(model: onnx.ModelProto, where: str, produced: bool = False) -> N
     try:
         if model.ByteSize() < _PROTO_LIMIT:
             onnx.checker.check_model(model)
+        else:  # the checker takes a big model only as a file
+            with on_disk(model) as p:
+                onnx.checker.check_model(str(p))
     except Exception as e:
         if produced:
             raise InternalError(where, f"onnxopt produced a model onnx.checker rejects: {first_line(e)}",
@@ -209,11 +211,221 @@ def io_signature(model: onnx.ModelProto) -> dict:
 
 
 def model_bytes(model: onnx.ModelProto) -> bytes:
-    """Deterministic serialization (map fields sorted)."""
+    """Deterministic serialization (map fields sorted). A model of 2 GiB or more has no single
+    serialization: size it with :func:`model_size`, hash it with :func:`model_digest`, write it
+    with :func:`write_model`."""
     if model.ByteSize() >= _PROTO_LIMIT:
-        raise BadInput(model.graph.name or "model", "is 2 GiB or larger",
-                       "models that need external data are not supported yet")
+        raise InternalError(model.graph.name or "model", "a model of 2 GiB or more was serialized whole",
+                            "this is a bug in onnxopt: big models go through write_model/model_digest")
     return model.SerializeToString(deterministic=True)
+
+
+def clear_default_locations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Unset ``data_location=DEFAULT`` (onnx's external-data loader and ORT's quantizer set it), so
+    a model reads the same bytes whichever way its weights were stored."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    for t in _get_all_tensors(model):
+        if t.HasField("data_location") and t.data_location == onnx.TensorProto.DEFAULT:
+            t.ClearField("data_location")
+    return model
+
+
+def model_size(model: onnx.ModelProto) -> int:
+    """Bytes of the model serialized whole (weights included), without serializing it."""
+    return model.ByteSize()
+
+
+# ---- external data ----------------------------------------------------------------------------
+# onnx's own writer (onnx.save_model(save_as_external_data=True)) moves the weights out of the
+# caller's ModelProto as it writes and writes in place; onnxopt needs the model intact afterwards,
+# both files written atomically, the same bytes every time, and a digest without a 2 GiB copy. So
+# the header is built here field by field, and each weight is streamed to the .data file one at a
+# time (onnx's set_external_data writes the references).
+
+@contextlib.contextmanager
+def external_data(force: bool = True) -> Iterator[None]:
+    """Inside, every model onnxopt writes keeps its weights in ``<name>.data`` beside it (the
+    ``--external-data`` flag); outside, only a model of :data:`EXTERNAL_AUTO_BYTES` or more does."""
+    token = _FORCE_EXTERNAL.set(force)
+    try:
+        yield
+    finally:
+        _FORCE_EXTERNAL.reset(token)
+
+
+def external_locations(model: onnx.ModelProto) -> list[str]:
+    """The ``location`` of every external tensor (subgraphs and Constant attributes included)."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    locs = set()
+    for t in _get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            locs.add({e.key: e.value for e in t.external_data}.get("location", ""))
+    return sorted(locs)
+
+
+def confine_external(locations: list[str], path: str | os.PathLike) -> None:
+    """Refuse (one line, exit 2) an external-data ``location`` that is empty, absolute, climbs out
+    with ``..`` or resolves (through a symlink) outside the model's folder. Nothing is read."""
+    p = Path(path)
+    base = p.parent.resolve()
+    for loc in locations:
+        f = Path(loc)
+        if not loc or f.is_absolute() or ".." in f.parts or not (p.parent / f).resolve().is_relative_to(base):
+            raise BadInput(str(p), f"external data location '{loc}' is outside the model's folder",
+                           "keep the .data file beside the model, named relative to it")
+
+
+def _copy_fields(src, dst, skip: set[str]) -> None:
+    for field, value in src.ListFields():
+        if field.name in skip:
+            continue
+        target = getattr(dst, field.name)
+        if hasattr(value, "extend") and not isinstance(value, (str, bytes)):
+            target.extend(value)
+        elif hasattr(value, "CopyFrom"):
+            target.CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
+_TENSOR_DATA = {"raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                "string_data", "data_location", "external_data"}
+
+
+def _goes_out(t: onnx.TensorProto) -> bool:
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED) or t.data_location == onnx.TensorProto.EXTERNAL:
+        return False
+    return t.ByteSize() >= _EXTERNAL_MIN_TENSOR
+
+
+def _raw(t: onnx.TensorProto) -> bytes:
+    if t.HasField("raw_data"):
+        return t.raw_data
+    from onnx import numpy_helper
+
+    return numpy_helper.to_array(t).tobytes()
+
+
+def _split(model: onnx.ModelProto, sink, location: str) -> onnx.ModelProto:
+    """The model's header with every big top-level initializer referring to ``location``; the
+    weights are written to ``sink`` (``.write``) in initializer order, each on a page boundary."""
+    from onnx.external_data_helper import set_external_data
+
+    header = onnx.ModelProto()
+    _copy_fields(model, header, {"graph"})
+    _copy_fields(model.graph, header.graph, {"initializer"})
+    offset = 0
+    for t in model.graph.initializer:
+        new = header.graph.initializer.add()
+        if not _goes_out(t):
+            new.CopyFrom(t)
+            continue
+        _copy_fields(t, new, _TENSOR_DATA)
+        raw = _raw(t)
+        pad = -offset % _ALIGN
+        sink.write(b"\0" * pad)
+        sink.write(raw)
+        offset += pad
+        new.raw_data = b""  # set_external_data wants the field present; it holds nothing here
+        set_external_data(new, location, offset, len(raw))
+        new.ClearField("raw_data")
+        offset += len(raw)
+    return header
+
+
+class _Sink:
+    """Hashes (and optionally writes) what :func:`_split` streams."""
+
+    def __init__(self, f=None):
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> None:
+        self.h.update(b)
+        self.n += len(b)
+        if self.f is not None:
+            self.f.write(b)
+
+
+def wants_external(model: onnx.ModelProto) -> bool:
+    """Whether onnxopt writes ``model`` with external data: 1 GiB or more, or ``--external-data``."""
+    return _FORCE_EXTERNAL.get() or model.ByteSize() >= EXTERNAL_AUTO_BYTES
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """sha256 of the model's deterministic serialization; a model of 2 GiB or more (which has
+    none) is hashed as its external-data header plus its weights, streamed."""
+    if model.ByteSize() < _PROTO_LIMIT:
+        return sha256_bytes(model_bytes(model))
+    sink = _Sink()
+    header = _split(model, sink, "weights")
+    return sha256_bytes(sink.h.digest() + header.SerializeToString(deterministic=True))
+
+
+def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bool | None = None) -> dict:
+    """Write ``model`` to ``path`` atomically and deterministically; returns ``{"sha256", "bytes"}``
+    of the ``.onnx`` file, plus ``external_data: [{location, bytes, sha256}]`` when its weights
+    go to ``<name>.data`` beside it: with ``external=True``, inside :func:`external_data`, or when
+    the model is :data:`EXTERNAL_AUTO_BYTES` or bigger. The data file is renamed into place
+    before the model that refers to it."""
+    path = check_writable(path)
+    if external is None:
+        external = wants_external(model)
+    if not external:
+        data = model_bytes(model)
+        atomic_write_bytes(path, data)
+        return {"sha256": sha256_bytes(data), "bytes": len(data)}
+    location = path.name + ".data"
+    target = path.with_name(location)
+    with _atomic_file(target) as f:
+        sink = _Sink(f)
+        header = _split(model, sink, location)
+    data = header.SerializeToString(deterministic=True)
+    atomic_write_bytes(path, data)
+    return {"sha256": sha256_bytes(data), "bytes": len(data),
+            "external_data": [{"location": location, "bytes": sink.n, "sha256": sink.h.hexdigest()}]}
+
+
+@contextlib.contextmanager
+def on_disk(model: onnx.ModelProto, name: str = "model.onnx") -> Iterator[Path]:
+    """``model`` written to a temp folder (external data when big) for a tool that takes a path;
+    the folder is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
+        p = Path(tmp) / name
+        write_model(model, p)
+        yield p
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path):
+    """A binary file object on a temp file beside ``path``, fsynced and renamed onto it on success,
+    removed on any failure (Ctrl-C included)."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInput(str(folder), f"cannot create the output folder ({e.strerror})") from None
+    try:
+        # the temp name stays short: a name near the filesystem's limit must fail on its own
+        fd, tmp = tempfile.mkstemp(prefix=".onnxopt.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise BadInput(str(path), f"cannot write into {folder} ({e.strerror})") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a written model gets normal permissions
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise BadInput(str(path), f"cannot be written ({e.strerror or type(e).__name__})") from None
+        raise
 
 
 def save_model(
@@ -222,23 +434,25 @@ def save_model(
     meta: dict | None = None,
     *,
     check: bool = True,
+    external: bool | None = None,
 ) -> dict:
-    """Check, write atomically, and write the sidecar. Returns the sidecar dict."""
+    """Check, write atomically (:func:`write_model`: ``external`` data by size or on request),
+    and write the sidecar, which carries the sha256 of every file written. Returns the sidecar."""
     path = Path(path)
     if check:
         check_model(model, str(path), produced=True)
-    data = model_bytes(model)
     sidecar = dict(meta or {})
     sidecar["model"] = path.name
-    sidecar["sha256"] = sha256_bytes(data)
-    sidecar["bytes"] = len(data)
     sidecar["io"] = io_signature(model)
     sidecar["opset"] = {(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import}
     sidecar.setdefault("onnxopt_sidecar_version", 1)
-    side_text = json.dumps(sidecar, indent=2, sort_keys=True, default=_json_default) + "\n"  # fail before writing
-    atomic_write_bytes(path, data)
-    write_text(sidecar_path(path), side_text)
-    logger.info("wrote %s (%d bytes)", path, len(data))
+    sidecar.pop("external_data", None)
+    json.dumps(sidecar, default=_json_default)  # fail before writing
+    written = write_model(model, path, external=external)
+    sidecar.update(written)
+    write_text(sidecar_path(path), json.dumps(sidecar, indent=2, sort_keys=True, default=_json_default) + "\n")
+    logger.info("wrote %s (%d bytes%s)", path, written["bytes"],
+                "".join(f" + {e['location']} {e['bytes']}" for e in written.get("external_data", [])))
     return sidecar
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from ._version import __version__
-from .artifact import io_signature, load_model, read_sidecar
+from .artifact import GZIP_UP_TO, external_locations, io_signature, load_model, read_sidecar
 from .errors import BadInput, check_choice, first_line
 from .evaluate import agreement, top1
 from .feeds import (Dataset, cast_feeds, check_activation_memory, check_dataset, first_feeds, load_dataset,
@@ -88,19 +88,11 @@ class BenchSettings:
 def file_sizes(path: str | Path) -> dict:
     """Bytes on disk (model plus external data files next to it) and gzip-compressed bytes."""
     p = Path(path)
-    data = p.read_bytes()
-    raw = len(data)
-    proto = onnx.load(str(p), load_external_data=False)
-    extra = set()
-    for t in proto.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for e in t.external_data:
-                if e.key == "location":
-                    extra.add(e.value)
-    for loc in sorted(extra):
-        blob = (p.parent / loc).read_bytes()
-        raw += len(blob)
-        data += blob
+    files = [p] + [p.parent / loc for loc in external_locations(onnx.load(str(p), load_external_data=False))]
+    raw = sum(f.stat().st_size for f in files)
+    if raw >= GZIP_UP_TO:  # minutes of gzip and a copy of the weights for a number nobody ships by
+        return {"size_bytes": raw, "size_gz_bytes": None}
+    data = b"".join(f.read_bytes() for f in files)
     return {"size_bytes": raw, "size_gz_bytes": len(gzip.compress(data, compresslevel=6, mtime=0))}
 
 

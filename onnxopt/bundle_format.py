@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 PREPROCESS = ("imagenet", "unit", "raw", "none")
 
 MODEL_ONNX = "model.onnx"
+MODEL_DATA = "model.onnx.data"  # the weights of a model of 1 GiB or more (external data)
 MODEL_ORT = "model.ort"
 ORT_CONFIG = "required_operators.config"
 SMOKE = "smoke.npz"

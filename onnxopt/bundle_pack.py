@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .artifact import atomic_write_bytes, io_signature, load_model, model_bytes, read_sidecar, sha256_bytes
+from .artifact import (atomic_write_bytes, external_locations, io_signature, load_model, model_bytes,
+                       read_sidecar, sha256_bytes, wants_external, write_model)
 from .bundle_format import (
     FORMAT,
     FORMAT_VERSION,
     LABELS,
     MANIFEST,
+    MODEL_DATA,
     MODEL_ONNX,
     MODEL_ORT,
     ORT_CONFIG,
@@ -80,10 +82,11 @@ class _Source:
 
     path: Path
     proto: onnx.ModelProto
-    onnx_bytes: bytes  # the file as given, or re-serialized with its external data inlined
+    onnx_bytes: bytes  # the file as given, re-serialized with its external data inlined, or a header
     sha256: str  # of the file as given (what its sidecar and a report.json beside it describe)
-    has_external: bool
+    has_external: bool  # the file as given keeps weights in external data
     sig: dict
+    data_bytes: bytes | None = None  # model.onnx.data, for a model of 1 GiB or more
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,8 @@ def pack(
     smoke = _record_smoke(src, settings)
 
     files: dict[str, bytes] = {MODEL_ONNX: src.onnx_bytes, SMOKE: _npz_bytes(smoke.arrays)}
+    if src.data_bytes is not None:
+        files[MODEL_DATA] = src.data_bytes
     ort_entry, ort_files, warnings = _ort_part(src, smoke, settings.ort_format)
     files.update(ort_files)
     if label_names is not None:
@@ -177,10 +182,18 @@ def _check_output(output: Path) -> None:
 def _read_source(model_path: Path) -> _Source:
     proto = load_model(model_path)
     src_bytes = model_path.read_bytes()
-    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    onnx_bytes = model_bytes(proto) if has_external else src_bytes  # ship the chosen bytes unchanged
+    has_external = bool(external_locations(onnx.load_model_from_string(src_bytes)))
+    data_bytes = None
+    if wants_external(proto):  # header + model.onnx.data, written as onnxopt writes
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
+            write_model(proto, Path(tmp) / MODEL_ONNX, external=True)
+            onnx_bytes, data_bytes = (Path(tmp) / MODEL_ONNX).read_bytes(), (Path(tmp) / MODEL_DATA).read_bytes()
+    else:  # ship the chosen bytes unchanged, or inlined
+        onnx_bytes = model_bytes(proto) if has_external else src_bytes
     return _Source(path=model_path, proto=proto, onnx_bytes=onnx_bytes, sha256=sha256_bytes(src_bytes),
-                   has_external=has_external, sig=io_signature(proto))
+                   has_external=has_external, sig=io_signature(proto), data_bytes=data_bytes)
 
 
 def _model_entry(src: _Source, ort_entry: dict, has_ort: bool, quantized: bool) -> dict:
@@ -194,7 +207,8 @@ def _model_entry(src: _Source, ort_entry: dict, has_ort: bool, quantized: bool) 
         "ir_version": int(proto.ir_version),
         "producer": " ".join(x for x in (proto.producer_name, proto.producer_version) if x) or None,
         "quantized": quantized,
-        "external_data_inlined": src.has_external,
+        "external_data_inlined": src.has_external and src.data_bytes is None,
+        "external_data": MODEL_DATA if src.data_bytes is not None else None,
     }
 
 
@@ -317,7 +331,10 @@ def _ort_part(src: _Source, smoke: _Smoke, requested: bool) -> tuple[dict, dict[
     warnings: list[str] = []
     if not requested:
         return entry, files, warnings
-    converted, info = _convert_to_ort(src.onnx_bytes)
+    if src.data_bytes is not None:
+        converted, info = None, {"ok": False, "reason": "the ORT format holds no external data"}
+    else:
+        converted, info = _convert_to_ort(src.onnx_bytes)
     entry.update(info)
     if converted is not None:
         raw, canonical, config = converted

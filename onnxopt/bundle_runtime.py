@@ -238,10 +238,14 @@ def _open(root: Path, path: Path, settings: _SessionSettings, keep: Path | None)
     model_file = model.get("ort") if settings.prefer == "ort" and model.get("ort") else model["onnx"]
     from .runtime import make_session
 
-    # Read into memory: the session must not depend on files in a temp folder about to go.
-    data = (root / model_file).read_bytes()
+    # Read into memory: the session must not depend on files in a temp folder about to go. A model
+    # with external data loads from its path (verified above); ORT holds the weights once loaded.
     where = f"{path}:{model_file}"
-    source = data if model_file.endswith(".ort") else _proto_from_bytes(data)
+    if model_file == model["onnx"] and model.get("external_data"):
+        source = str(root / model_file)
+    else:
+        data = (root / model_file).read_bytes()
+        source = data if model_file.endswith(".ort") else _proto_from_bytes(data)
     session = make_session(source, settings.provider, settings.threads, where=where)
     labels = None
     if m.get("labels"):

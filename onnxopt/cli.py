@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ._cli_context import CONTEXT
+from ._cli_context import CONTEXT, external_data_option
 from .errors import BadInput, InternalError, OnnxoptError
 from .gates import Gates
 from .jobs import DataOptions
@@ -130,6 +130,7 @@ def _apply(options):
 @main.command(context_settings=CONTEXT)
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the .onnx file.")
+@external_data_option
 @_apply(_source_options)
 @click.option("--static", is_flag=True, help="Fixed input shapes (no dynamic batch/sequence axes).")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Verification absolute tolerance.")
@@ -221,6 +222,7 @@ def _print_search(report: dict) -> None:
 @main.command(context_settings=CONTEXT)
 @click.argument("model", default="digits-cnn")
 @click.option("-o", "--out", type=click.Path(), help="Output folder [default: out/<model>].")
+@external_data_option
 @_apply(_source_options)
 @_apply(_bench_options(batch="1,8", duration=2.0))
 @click_options(Gates)
@@ -263,6 +265,7 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
 @main.command("run", context_settings=CONTEXT)
 @click.argument("recipe", type=click.Path())
 @click.option("-o", "--out", type=click.Path(), help="Output folder [default: the recipe's out, or out/<recipe>].")
+@external_data_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def run_cmd(recipe, out, as_json):
     """Run a declarative recipe (YAML or JSON): a model, data, steps or a search, and gates.
@@ -318,8 +321,11 @@ def report_cmd(run_dir):
     _print_search(rerender(run_dir))
 
 def _output_option(what: str):
-    return click.option("-o", "--output", required=True, type=click.Path(),
-                        help=f"Where to write the {what} .onnx file.")
+    def deco(f):
+        f = external_data_option(f)
+        return click.option("-o", "--output", required=True, type=click.Path(),
+                            help=f"Where to write the {what} .onnx file.")(f)
+    return deco
 
 
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the sidecar JSON.")

@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 
 from ._version import __version__
-from .artifact import atomic_write_bytes, load_model, model_bytes, read_sidecar, save_model
+from .artifact import atomic_write_bytes, load_model, model_digest, read_sidecar, save_model
 from .distill_models import (STUDENTS, OrtTeacher, TorchTeacher, build_student, digits_student, make_teacher,
                              shift_images)
 from .errors import BadInput, check_choice, first_line
@@ -298,7 +298,7 @@ def _onnx_teacher(teacher, s: DistillSettings) -> _Teacher:
 
         hint = find_head(ir.serde.deserialize_model(proto), str(teacher)).feature
     tdesc = {"kind": "onnx", "path": str(Path(teacher).resolve()), "hint": hint if use_hint else None,
-             "sha256": hashlib.sha256(model_bytes(proto)).hexdigest()}
+             "sha256": model_digest(proto)}
     run_ = OrtTeacher(teacher, tdesc["hint"])
     input_specs = _onnx_input_specs(proto)
     t_side = read_sidecar(teacher) or {}

@@ -40,7 +40,7 @@ import onnx
 from ._version import __version__
 from ._ensemble_graph import (COMBINES, Member, build_cascade, build_parallel, cascade_numpy, check_same_architecture,
                               combine_numpy, confidence, softmax, soup as soup_model)
-from .artifact import lineage, load_model, read_sidecar, save_model, sha256_bytes, model_bytes
+from .artifact import lineage, load_model, read_sidecar, save_model, model_digest
 from .errors import BadInput, InternalError, VerificationFailed, check_choice, first_line
 from .evaluate import agreement, top1
 from .feeds import Dataset, cast_feeds, check_feeds, load_dataset, random_feeds
@@ -245,7 +245,7 @@ def _input_map(input_map, members: list[Member]) -> None:
 
 def _member_info(path: str, proto: onnx.ModelProto) -> dict:
     side = read_sidecar(path) or {}
-    return {"model": str(path), "sha256": sha256_bytes(model_bytes(proto)),
+    return {"model": str(path), "sha256": model_digest(proto),
             "source": side.get("source", {"kind": "onnx", "name": str(path)})}
 
 

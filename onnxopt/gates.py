@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import onnx
 
-from .artifact import model_bytes
+from .artifact import model_size
 from .errors import BadInput, GateFailed
 from .evaluate import Outputs, compare, predict_all, top1
 from .feeds import Dataset
@@ -198,7 +198,7 @@ def measure(ref_out: Outputs | None, proto: onnx.ModelProto, ds: Dataset | None,
     and accuracy with labels (``accuracy``, ``reference_accuracy``, ``drop_points``).
     ``produced``: ``proto`` is a file onnxopt wrote (ONNX Runtime failing on it is onnxopt's bug,
     exit 1). ``out``: its outputs on ``ds`` when already computed."""
-    q: dict = {"bytes": len(model_bytes(proto))}
+    q: dict = {"bytes": model_size(proto)}
     if ds is None:
         return q
     if out is None:

@@ -43,7 +43,7 @@ import onnx
 import onnx_ir as ir
 
 from ._version import __version__
-from .artifact import atomic_write_bytes, lineage, load_model, model_bytes, save_model
+from .artifact import atomic_write_bytes, lineage, load_model, model_digest, save_model
 from .errors import BadInput, InternalError, check_choice
 from .evaluate import agreement, top1
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
@@ -246,7 +246,7 @@ def extract_features(proto: onnx.ModelProto, ds: Dataset, cuts: list[str], *, ba
     version) is cached as one ``.npy`` file under ``cache_root(cache_dir)/features``; ``stats``
     (if given) gets ``cache_hits``/``cache_misses``."""
     check_feeds(proto, ds.inputs, ds.name)
-    model_sha = hashlib.sha256(model_bytes(proto)).hexdigest()
+    model_sha = model_digest(proto)
     data_sha = array_digest(ds.inputs)
     root = cache_root(cache_dir) / "features"
     out: dict[str, np.ndarray] = {}

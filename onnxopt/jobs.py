@@ -203,9 +203,9 @@ def write_variant(proto: onnx.ModelProto, output, model_path, step: dict, verifi
     ``extra``), then raise GateFailed (exit 3) when a check did not hold -- the model and its
     sidecar are then written to :func:`rejected_path`, so the user can look and nothing takes them
     for the result."""
-    from .artifact import model_bytes
+    from .artifact import model_size
 
-    checks = judge(gates, verification, len(model_bytes(proto))) + list(checks)
+    checks = judge(gates, verification, model_size(proto)) + list(checks)
     meta = lineage(model_path, step)
     meta.update(extra or {})
     meta["verification"] = {k: v for k, v in verification.items() if k != "quality"}

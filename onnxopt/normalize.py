@@ -105,10 +105,10 @@ def _name_nodes(proto: onnx.ModelProto) -> int:
 
 def _run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | None:
     from .feeds import cast_feeds
-    from .runtime import ort
+    from .runtime import make_session
 
     try:
-        sess = ort().InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = make_session(proto)
         return sess.run(None, cast_feeds(proto, feeds))
     except Exception:  # the sample does not run: nothing to learn from it here
         return None

@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from ._version import __version__
-from .artifact import load_model, model_bytes, read_sidecar
+from .artifact import GZIP_UP_TO, load_model, model_bytes, model_size, read_sidecar
 from .errors import BadInput
 from .gates import Gates
 from .jobs import (DataOptions, calibration_data, check_output, check_runs, eval_data, job_gates, speed_check,
@@ -60,6 +60,8 @@ class PruneSettings:
 
 
 def _sizes(proto: onnx.ModelProto) -> dict:
+    if model_size(proto) >= GZIP_UP_TO:  # gzip's ratio on a big model costs minutes and a copy
+        return {"bytes": model_size(proto), "gzip_bytes": None}
     data = model_bytes(proto)
     return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, compresslevel=6, mtime=0))}
 
@@ -211,7 +213,8 @@ def _summary(method: str, settings: dict, stats: dict, proto, out_proto, calib_n
         "params_ratio": round(params_after / max(params_before, 1), 6),
         "bytes_before": before["bytes"], "bytes_after": after["bytes"],
         "gzip_bytes_before": before["gzip_bytes"], "gzip_bytes_after": after["gzip_bytes"],
-        "gzip_ratio": round(after["gzip_bytes"] / max(before["gzip_bytes"], 1), 6),
+        "gzip_ratio": (round(after["gzip_bytes"] / max(before["gzip_bytes"], 1), 6)
+                       if before["gzip_bytes"] is not None and after["gzip_bytes"] is not None else None),
         "skipped_layers": len(stats.get("skipped", [])), "warnings": stats.get("warnings", []),
     }
     if method == "channel":

@@ -118,7 +118,8 @@ def prune_summary(side: dict, output) -> tuple[str, list[str]]:
                 f"({st['params_ratio']:.3f}x); export verified against the pruned network"), []
     lines = [f"{output}: {summ['method']}; params {summ['params_before']:,} -> {summ['params_after']:,} "
              f"({summ['params_ratio']:.3f}x); bytes {summ['bytes_before']:,} -> {summ['bytes_after']:,}; "
-             f"gzip {summ['gzip_bytes_before']:,} -> {summ['gzip_bytes_after']:,} ({summ['gzip_ratio']:.2f}x)"]
+             + (f"gzip {summ['gzip_bytes_before']:,} -> {summ['gzip_bytes_after']:,} ({summ['gzip_ratio']:.2f}x)"
+                if summ.get("gzip_ratio") is not None else "gzip not measured (a model of 256 MB or more)")]
     if summ["method"] != "channel":
         lines.append(f"sparsity {summ['sparsity']:.3f} of the pruned layers. Zeros do not make ONNX Runtime on CPU "
                      "faster: the gain is the compressed size above.")

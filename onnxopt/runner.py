@@ -29,7 +29,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from .artifact import atomic_write_bytes, model_bytes, write_json
+from .artifact import clear_default_locations, model_digest, model_size, write_json, write_model
 from .errors import BadInput
 from .feeds import Dataset, array_digest
 from .options import build, data_fields
@@ -138,27 +138,27 @@ def run_steps(model: onnx.ModelProto, steps, *, calibration: list[dict] | None =
     data_key = None  # hashed the first time a step takes the data, not for every simplify
     for i, (step, p) in enumerate(zip(steps, passes)):
         settings = p.settings()
-        blob = model_bytes(current)
+        digest = model_digest(current)
         uses_data = needs_calibration(p)
         if uses_data and data_key is None:
             data_key = _data_key(calibration)
-        key = hashlib.sha256(blob + json.dumps([step.name, settings, data_key if uses_data else ""],
+        key = hashlib.sha256(digest.encode() + json.dumps([step.name, settings, data_key if uses_data else ""],
                                                sort_keys=True, default=str).encode()).hexdigest()[:24]
-        rec = {"step": step.name, "settings": settings, "bytes_before": len(blob), "cache_key": key}
+        rec = {"step": step.name, "settings": settings, "bytes_before": model_size(current), "cache_key": key}
         hit = cache / f"{key}.onnx" if cache else None
         t0 = time.perf_counter()
         if hit is not None and hit.exists():
-            current = onnx.load(str(hit))
+            current = clear_default_locations(onnx.load(str(hit)))
             stats_file = hit.with_suffix(".json")
             rec.update(cached=True, stats=json.loads(stats_file.read_text()) if stats_file.exists() else {})
         else:
             current, stats = _run_one(p, current)
             rec.update(cached=False, stats=stats)
             if hit is not None:
-                atomic_write_bytes(hit, model_bytes(current))
+                write_model(current, hit)
                 write_json(hit.with_suffix(".json"), stats)
         rec["seconds"] = round(time.perf_counter() - t0, 3)
-        rec["bytes_after"] = len(model_bytes(current))
+        rec["bytes_after"] = model_size(current)
         rec["nodes_before"], rec["nodes_after"] = rec["stats"].get("nodes_before"), rec["stats"].get("nodes_after")
         if i == 0 and front["did"]:
             rec["normalize"] = front

@@ -13,6 +13,7 @@ __all__ = ["PROVIDERS", "available_providers", "make_session", "run"]
 
 logger = logging.getLogger(__name__)
 
+_BIG = 2**31 - 1  # protobuf's limit: a bigger model reaches ORT through a file with external data
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -79,6 +80,11 @@ def make_session(model, provider: str = "cpu", threads: int | None = None, where
     providers = [PROVIDERS[provider]]
     if provider == "cuda":
         providers.append(PROVIDERS["cpu"])
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= _BIG:
+        from .artifact import on_disk
+
+        with on_disk(model) as p:  # ORT takes a model of 2 GiB or more only as a file
+            return make_session(p, provider, threads, where, produced)
     if isinstance(model, onnx.ModelProto):
         src = model.SerializeToString()
     elif isinstance(model, (bytes, bytearray)):

@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from ._version import __version__
-from .artifact import lineage, load_model, model_bytes, read_sidecar, save_model, write_json, write_text
+from .artifact import lineage, load_model, model_size, read_sidecar, save_model, write_json, write_text
 from .bench import BenchSettings, bench
 from .errors import BadInput, GateFailed
 from .evaluate import predict_all
@@ -247,7 +247,7 @@ def _time_survivors(ctx: _Context, variants: list[dict], settings: BenchSettings
 
 
 def _reference_row(ctx: _Context, ref_row: dict | None) -> dict:
-    row = {"name": "reference", "status": "reference", "bytes": len(model_bytes(ctx.ref_proto)),
+    row = {"name": "reference", "status": "reference", "bytes": model_size(ctx.ref_proto),
            "path": str(ctx.reference), "steps": []}
     if ref_row:
         row.update(p50_ms=ref_row["p50_ms"], p90_ms=ref_row["p90_ms"], speedup=1.0)

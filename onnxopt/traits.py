@@ -154,12 +154,9 @@ def _weights(graphs: list[GraphInfo], path: Path | None) -> dict:
     external = [t for t in inits if t.data_location == TensorProto.EXTERNAL]
     files = sorted({{e.key: e.value for e in t.external_data}.get("location", "") for t in external})
     if path is not None:
-        base = path.parent.resolve()
-        for f in files:
-            target = (path.parent / f).resolve()
-            if Path(f).is_absolute() or ".." in Path(f).parts or not target.is_relative_to(base):
-                raise BadInput(str(path), f"external data location '{f}' is outside the model's folder",
-                               "keep the .data file beside the model, named relative to it")
+        from .artifact import confine_external
+
+        confine_external(files, path)
     missing = [f for f in files if path is not None and not (path.parent / f).exists()]
     return {
         "parameters": sum(_numel(t) for _, t in weights),

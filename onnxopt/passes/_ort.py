@@ -17,9 +17,10 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from ..artifact import EXTERNAL_AUTO_BYTES, clear_default_locations
 from ..errors import BadInput
 
-__all__ = ["via_ort", "to_proto"]
+__all__ = ["via_ort", "to_proto", "weight_bytes", "external"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,17 @@ logger = logging.getLogger(__name__)
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize for read-only uses (running a session, checking inputs); never mutate-and-return."""
     return ir.serde.serialize_model(model)
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the main graph's initializers, read from their headers (nothing is loaded)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def external(path: Path) -> bool:
+    """Whether :func:`via_ort` gave the tool its model with external data: the tool must then
+    write its own output that way too (its output may be as big)."""
+    return Path(str(path) + ".data").exists()
 
 
 def via_ort(model: ir.Model, tool: Callable[[Path, Path, Path], Any], *, where: str = "model"
@@ -40,11 +52,15 @@ def via_ort(model: ir.Model, tool: Callable[[Path, Path, Path], Any], *, where: 
     with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
         work = Path(tmp)
         src, dst = work / "input.onnx", work / "output.onnx"
-        onnx.save_model(to_proto(model), str(src))
+        if weight_bytes(model) >= EXTERNAL_AUTO_BYTES:
+            # streamed tensor by tensor into input.onnx.data, without a whole-model proto copy
+            ir.save(model, str(src), external_data=src.name + ".data")
+        else:
+            onnx.save_model(to_proto(model), str(src))
         extra = tool(src, dst, work)
         if not dst.exists():
             raise BadInput(where, "the ONNX Runtime tool wrote no model")  # pragma: no cover
-        proto = onnx.load_model(str(dst))  # loads any external data while the folder exists
+        proto = clear_default_locations(onnx.load_model(str(dst)))  # external data read while the folder exists
         new = ir.serde.deserialize_model(proto)
         if any(a.type == onnx.AttributeProto.GRAPH for n in proto.graph.node for a in n.attribute):
             # ORT's tools order nodes by their explicit inputs only: an If whose branches read an

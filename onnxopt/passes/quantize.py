@@ -38,7 +38,8 @@ from ..errors import BadInput, check_choice, first_line
 from ..feeds import cast_feeds, check_feeds
 from ..options import data_field, option
 from ._common import OnnxoptPass, PassResult, looks_like_transformer, op_counts, quantized_ops, refuse_quantized
-from ._ort import to_proto, via_ort
+from ..artifact import write_model
+from ._ort import external, to_proto, via_ort
 
 __all__ = [
     "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "QuantizeInt4", "INT4_METHODS", "ConvertFP16",
@@ -206,19 +207,21 @@ def _preprocess(src: Path, dst: Path) -> str:
     directory and leaves them there (seen on ddddocr and silero-vad files)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    big = external(src)
     src, dst = Path(src).resolve(), Path(dst).resolve()
+    out = {"save_as_external_data": True, "external_data_location": dst.name + ".data"} if big else {}
     with contextlib.chdir(dst.parent):
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                quant_pre_process(str(src), str(dst))
-            return "quant_pre_process"
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=big, **out)
+            return "quant_pre_process" + (" (without symbolic shape inference: a model with external data)" if big else "")
         except Exception as e:  # symbolic shape inference raises many kinds
             why = first_line(e, 120)
             if why not in _PREPROCESS_WARNED:  # once: a search preprocesses every candidate
                 _PREPROCESS_WARNED.add(why)
                 logger.warning("quant_pre_process failed (%s); retrying without symbolic shape inference", why)
             with contextlib.redirect_stdout(io.StringIO()):
-                quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, **out)
             return "quant_pre_process (without symbolic shape inference)"
 
 
@@ -376,6 +379,7 @@ class QuantizeStatic(_PerChannelOpset, OnnxoptPass):
                     calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                       "percentile": CalibrationMethod.Percentile}[self.method],
                     extra_options=extra,
+                    use_external_data_format=external(src),
                 )
 
         try:
@@ -440,6 +444,7 @@ class QuantizeDynamic(_PerChannelOpset, OnnxoptPass):
                 op_types_to_quantize=list(self.op_types),
                 nodes_to_exclude=list(self.nodes_to_exclude) or None,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                use_external_data_format=external(src),
             )
 
 
@@ -551,7 +556,7 @@ class QuantizeInt4(OnnxoptPass):
             if n.op_type == "MatMulNBits" and self.accuracy_level and not any(
                     a.name == "accuracy_level" for a in n.attribute):
                 n.attribute.append(onnx.helper.make_attribute("accuracy_level", self.accuracy_level))
-        onnx.save_model(out, str(dst))
+        write_model(out, dst)
 
 
 class _Rewinding:
@@ -607,7 +612,7 @@ class ConvertFP16(OnnxoptPass):
                 proto, keep_io_types=self.keep_io_types,
                 op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(self.op_block_list)),
                 node_block_list=list(self.node_block_list) or None)
-        onnx.save_model(out, str(dst))
+        write_model(out, dst)
 
 
 def choose_mode(model: ir.Model, target: str = "cpu") -> tuple[str, str]:
