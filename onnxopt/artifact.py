@@ -170,7 +170,7 @@ def check_model(model: onnx.ModelProto, where: str, produced: bool = False) -> N
     """Run ``onnx.checker`` and turn its complaint into a one-line :class:`BadInput` -- or, for a
     model onnxopt ``produced`` (about to be written), an :class:`InternalError`: onnxopt's bug."""
     try:
-        if model.ByteSize() < _PROTO_LIMIT:
+        if not _over_limit(model):
             onnx.checker.check_model(model)
         else:  # the checker takes a big model only as a file
             with on_disk(model) as p:
@@ -214,7 +214,7 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
     """Deterministic serialization (map fields sorted). A model of 2 GiB or more has no single
     serialization: size it with :func:`model_size`, hash it with :func:`model_digest`, write it
     with :func:`write_model`."""
-    if model.ByteSize() >= _PROTO_LIMIT:
+    if _over_limit(model):
         raise InternalError(model.graph.name or "model", "a model of 2 GiB or more was serialized whole",
                             "this is a bug in onnxopt: big models go through write_model/model_digest")
     return model.SerializeToString(deterministic=True)
@@ -232,8 +232,20 @@ def clear_default_locations(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def model_size(model: onnx.ModelProto) -> int:
-    """Bytes of the model serialized whole (weights included), without serializing it."""
-    return model.ByteSize()
+    """Bytes of the model serialized whole, weights included. protobuf's ``ByteSize`` serializes
+    (upb) and fails at 2 GiB; past it this is the sum of the parts' sizes (within bytes of the
+    exact figure: the fields' own tags and lengths are not counted)."""
+    try:
+        return model.ByteSize()
+    except Exception:  # upb's EncodeError: the whole is over protobuf's limit
+        g = model.graph
+        return (sum(t.ByteSize() for t in g.initializer) + sum(n.ByteSize() for n in g.node)
+                + sum(v.ByteSize() for v in list(g.input) + list(g.output) + list(g.value_info))
+                + sum(f.ByteSize() for f in model.functions))
+
+
+def _over_limit(model: onnx.ModelProto) -> bool:
+    return model_size(model) >= _PROTO_LIMIT
 
 
 # ---- external data ----------------------------------------------------------------------------
@@ -350,13 +362,13 @@ class _Sink:
 
 def wants_external(model: onnx.ModelProto) -> bool:
     """Whether onnxopt writes ``model`` with external data: 1 GiB or more, or ``--external-data``."""
-    return _FORCE_EXTERNAL.get() or model.ByteSize() >= EXTERNAL_AUTO_BYTES
+    return _FORCE_EXTERNAL.get() or model_size(model) >= EXTERNAL_AUTO_BYTES
 
 
 def model_digest(model: onnx.ModelProto) -> str:
     """sha256 of the model's deterministic serialization; a model of 2 GiB or more (which has
     none) is hashed as its external-data header plus its weights, streamed."""
-    if model.ByteSize() < _PROTO_LIMIT:
+    if not _over_limit(model):
         return sha256_bytes(model_bytes(model))
     sink = _Sink()
     header = _split(model, sink, "weights")

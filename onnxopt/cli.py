@@ -8,6 +8,7 @@ import sys
 import click
 
 from ._cli_context import CONTEXT, external_data_option
+from .executor import EXECUTOR_HELP
 from .errors import BadInput, InternalError, OnnxoptError
 from .gates import Gates
 from .jobs import DataOptions
@@ -232,9 +233,10 @@ def _print_search(report: dict) -> None:
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="What the search optimizes for.")
 @click.option("--no-torch", is_flag=True, help="Do not time PyTorch eager as an extra row.")
+@click.option("--executor", default="local", show_default=True, help=EXECUTOR_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, batch, threads, providers, duration,
-             warmup, seq_len, no_memory, data, search, budget, target, no_torch, as_json, **gates):
+             warmup, seq_len, no_memory, data, search, budget, target, no_torch, executor, as_json, **gates):
     """The main job: export, verify and benchmark MODEL (default: digits-cnn), or search.
 
     MODEL is a built-in name, a factory `module:function` or a .onnx file. Writes the verified
@@ -259,7 +261,8 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
     report = api_optimize(model, out, exporter=exporter, opset=opset, input_shape=input_shape, dtype=dtype,
                           weights=weights, task=task, data=data, torch_eager=not no_torch,
                           settings=_settings(batch, threads, providers, duration, warmup, seq_len, no_memory),
-                          search=search, gates=Gates.from_options(gates), budget_s=budget, target=target)
+                          search=search, gates=Gates.from_options(gates), budget_s=budget, target=target,
+                          executor=executor)
     click.echo(to_json(report) if as_json else optimize_summary(report))
 
 @main.command("run", context_settings=CONTEXT)

@@ -40,12 +40,22 @@ class OnnxoptError(Exception):
         self.report = report
         super().__init__(self.one_line())
 
+    def __reduce__(self):  # pickled intact across processes (a Ray task's error reaches the driver)
+        return (_restore, (type(self), dict(self.__dict__)))
+
     def one_line(self) -> str:
         text = f"{self.where}: {self.problem}" if self.where else self.problem
         if self.hint:
             text += f"; {self.hint}"
         # One line, always: exporters and parsers put newlines in their messages.
         return " ".join(text.split())
+
+
+def _restore(cls, state: dict) -> OnnxoptError:
+    e = cls.__new__(cls)
+    e.__dict__.update(state)
+    Exception.__init__(e, e.one_line())
+    return e
 
 
 class BadInput(OnnxoptError):

@@ -16,6 +16,7 @@ import contextlib
 import io
 import logging
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ import numpy as np
 import onnx
 
 from ._version import __version__
-from .artifact import check_model, save_model
+from .artifact import EXTERNAL_AUTO_BYTES, check_model, clear_default_locations, save_model
 from .errors import BadInput, VerificationFailed, check_choice, first_line
 from .evaluate import agreement
 from .progress import progress
@@ -185,13 +186,16 @@ def _export_quietly(torch, net, args, input_names, output_names, axes, exporter:
             model = prog.model_proto
             _rename_dims(model, axes)
         else:
-            buf = io.BytesIO()
-            torch.onnx.export(
-                net, args, buf, input_names=input_names, output_names=output_names,
-                opset_version=opset, dynamo=False, dynamic_axes=axes or None,
-                do_constant_folding=True, verbose=False,
-            )
-            model = onnx.load_from_string(buf.getvalue())
+            kwargs = dict(input_names=input_names, output_names=output_names, opset_version=opset, dynamo=False,
+                          dynamic_axes=axes or None, do_constant_folding=True, verbose=False)
+            if sum(p.numel() * p.element_size() for p in net.parameters()) < EXTERNAL_AUTO_BYTES:
+                buf = io.BytesIO()
+                torch.onnx.export(net, args, buf, **kwargs)
+                model = onnx.load_from_string(buf.getvalue())
+            else:  # a graph over 2 GiB cannot be one buffer: torch writes it with external data
+                with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
+                    torch.onnx.export(net, args, str(Path(tmp) / "model.onnx"), **kwargs)
+                    model = clear_default_locations(onnx.load_model(str(Path(tmp) / "model.onnx")))
     return model
 
 

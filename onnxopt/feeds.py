@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .artifact import io_signature
+from .artifact import io_signature, model_size
 from .errors import BadInput
 
 __all__ = ["Dataset", "random_feeds", "first_feeds", "load_dataset", "check_feeds", "check_dataset", "gather_vocab_sizes",
@@ -199,7 +199,7 @@ def check_activation_memory(model: onnx.ModelProto, feeds: dict[str, np.ndarray]
     available memory: a graph can expand a small input into a huge one. Tensors whose shape
     inference cannot tell are not counted; a model that inference fails on is left to ORT."""
     avail = available_memory()
-    if not avail or not feeds or model.ByteSize() > (256 << 20):  # a big model is not copied to infer shapes
+    if not avail or not feeds or model_size(model) > (256 << 20):  # a big model is not copied to infer shapes
         return
     m = onnx.ModelProto()
     m.CopyFrom(model)

@@ -47,6 +47,7 @@ def optimize(
     gates=None,
     budget_s: float | None = None,
     target: str = "cpu",
+    executor: str | None = None,
     **gate_options,
 ) -> dict:
     """Export (or take) ``model``, verify it, then benchmark it -- or search -- and write
@@ -58,7 +59,8 @@ def optimize(
     ``min_agreement``, ``min_cosine``, ``min_speedup``, ``max_size_mb``, ``max_p90_ms``) turn the
     search on; ``search=True`` searches with
     whatever gates are given (none: every variant passes and the fastest wins). ``budget_s``
-    bounds the search; ``target`` (cpu | cuda) picks its search space. Raises GateFailed (exit 3)
+    bounds the search; ``target`` (cpu | cuda) picks its search space; ``executor`` (local |
+    ray | ray:ADDRESS) where its candidates are built and checked. Raises GateFailed (exit 3)
     when no variant holds the gates (the report is written).
     """
     from .gates import Gates
@@ -71,6 +73,12 @@ def optimize(
     elif not search and gates.active():
         raise BadInput("--no-search", f"a gate is given (--{next(iter(gates.active())).replace('_', '-')}) but "
                        "only a search checks it", "drop --no-search, or the gate")
+    from .executor import parse_executor
+
+    executor = parse_executor(executor)
+    if executor.kind != "local" and not search:
+        raise BadInput("--executor", f"'{executor.kind}' runs a search's candidates, and this run does not search",
+                       "add a gate (e.g. --min-cosine 0.99) or --search")
     if budget_s is not None and not (math.isfinite(budget_s) and budget_s > 0):
         raise BadInput("--budget", f"must be a number of seconds > 0, got {budget_s!r}")
     settings = settings or BenchSettings(batches=(1, 8), duration=2.0)
@@ -102,7 +110,7 @@ def optimize(
         from .search import search as run_search
 
         report = run_search(model_path, out, data=data, gates=gates, settings=settings, budget_s=budget_s,
-                            target=target, source=None if is_onnx_path(model) else model)
+                            target=target, source=None if is_onnx_path(model) else model, executor=executor)
         report["artifact"] = sidecar
         report["model"] = model
         report["out"] = str(out)

@@ -60,6 +60,12 @@ def _failed(where: str, loading: bool, e: Exception, produced: bool):
     return BadInput(where, f"ONNX Runtime {what}: {ort_reason(e)}")
 
 
+def _big(model: onnx.ModelProto) -> bool:
+    from .artifact import model_size
+
+    return model_size(model) >= _BIG
+
+
 def make_session(model, provider: str = "cpu", threads: int | None = None, where: str = "model",
                  produced: bool = False):
     """An inference session with spinning off (several sessions interleave fairly on few cores),
@@ -80,7 +86,7 @@ def make_session(model, provider: str = "cpu", threads: int | None = None, where
     providers = [PROVIDERS[provider]]
     if provider == "cuda":
         providers.append(PROVIDERS["cpu"])
-    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= _BIG:
+    if isinstance(model, onnx.ModelProto) and _big(model):
         from .artifact import on_disk
 
         with on_disk(model) as p:  # ORT takes a model of 2 GiB or more only as a file

@@ -28,6 +28,7 @@ from ._version import __version__
 from .artifact import lineage, load_model, model_size, read_sidecar, save_model, write_json, write_text
 from .bench import BenchSettings, bench
 from .errors import BadInput, GateFailed
+from .executor import Executor, map_tasks, parse_executor
 from .evaluate import predict_all
 from .gates import Gates, gate_data, measure
 from .jobs import calibration_data, eval_data
@@ -202,20 +203,33 @@ def _build_variant(ctx: _Context, cand: dict, rec: dict) -> dict:
     return rec
 
 
-def _build_all(ctx: _Context, candidates: list[dict], settings: BenchSettings, budget_s: float | None) -> list[dict]:
+def _build_one(ctx: _Context, cand: dict) -> dict:
+    """One candidate built and judged: what a Ray task runs (and the local loop, through it)."""
+    rec: dict = {"name": cand["name"], "steps": [], "gates": []}
+    return _build_variant(ctx, cand, rec)
+
+
+def _build_all(ctx: _Context, candidates: list[dict], settings: BenchSettings, budget_s: float | None,
+               executor: Executor = Executor()) -> list[dict]:
     t_start = time.perf_counter()
     # The budget covers the whole search: keep room for the final side-by-side timing.
     n_configs = len(settings.batches) * max(1, len(settings.threads)) * len(settings.providers)
     build_budget = None if budget_s is None else budget_s - n_configs * (settings.duration + 3)
+    spent = {"status": "skipped", "reason": f"time budget of {budget_s:g} s spent (or would be)"}
+    bar = progress(total=len(candidates), desc="candidates", unit="variant")
+    if executor.kind != "local":  # Ray tasks; what is still running when the budget ends is cancelled
+        done = map_tasks(executor, _build_one, candidates, shared=ctx, on_done=lambda i, r: bar.update(1),
+                         deadline=None if build_budget is None else t_start + build_budget,
+                         skipped=lambda c: {"name": c["name"], "steps": [], "gates": [], **spent})
+        bar.close()
+        return [dict(rec, ran_in=where) if where else rec for rec, where in done]
     variants = []
     step_seconds: dict[str, float] = {}  # the slowest run of each pass so far, to predict the next
-    bar = progress(total=len(candidates), desc="candidates", unit="variant")
     for cand in candidates:
-        rec: dict = {"name": cand["name"], "steps": [], "gates": []}
         if build_budget is not None and time.perf_counter() - t_start + _estimate(cand, step_seconds) > build_budget:
-            rec.update(status="skipped", reason=f"time budget of {budget_s:g} s spent (or would be)")
+            rec = {"name": cand["name"], "steps": [], "gates": [], **spent}
         else:
-            _build_variant(ctx, cand, rec)
+            rec = _build_one(ctx, cand)
             for st in rec["steps"]:
                 if not st.get("cached") and "seconds" in st:
                     step_seconds[st["step"]] = max(step_seconds.get(st["step"], 0.0), st["seconds"])
@@ -259,9 +273,12 @@ def _reference_row(ctx: _Context, ref_row: dict | None) -> dict:
 
 def evaluate_variants(reference: Path, candidates: list[dict], *, data=None, gates: Gates | None = None,
                       settings: BenchSettings | None = None, out: Path, budget_s: float | None = None,
-                      preprocess: str = "imagenet", cache: bool = True) -> dict:
+                      preprocess: str = "imagenet", cache: bool = True, executor: str | Executor | None = None) -> dict:
     """Build every candidate from ``reference``, check quality gates, time the survivors side by
-    side, choose the fastest that holds every gate. Writes variants, report.json/md/html to ``out``."""
+    side, choose the fastest that holds every gate. Writes variants, report.json/md/html to ``out``.
+    ``executor``: where the candidates are built and checked (:mod:`onnxopt.executor`); the timing
+    always runs here, serially."""
+    executor = parse_executor(executor)
     gates = gates or Gates()
     if gates.active():  # a gated search holds its variants to what every variant job holds
         gates = gates.for_variant()
@@ -269,7 +286,7 @@ def evaluate_variants(reference: Path, candidates: list[dict], *, data=None, gat
     out = Path(out)
     ctx = _context(Path(reference), data, gates, out, preprocess, cache)
     t_start = time.perf_counter()
-    variants = _build_all(ctx, candidates, settings, budget_s)
+    variants = _build_all(ctx, candidates, settings, budget_s, executor)
     build_s = time.perf_counter() - t_start
     report_bench, ref_row = _time_survivors(ctx, variants, settings)
     reference_row = _reference_row(ctx, ref_row)
@@ -288,6 +305,7 @@ def evaluate_variants(reference: Path, candidates: list[dict], *, data=None, gat
                 f"reference at batch {settings.batches[0]})" if chosen else
                 "no variant holds every gate"),
         "build_seconds": round(build_s, 2), "bench": report_bench, "onnxopt": __version__,
+        "executor": executor.describe(),
     }
     if chosen:
         best = out / "best.onnx"
@@ -344,7 +362,7 @@ def torch_candidates(source: str, out: Path, *, amounts=(0.5, 0.625, 0.75), epoc
 
 def search(model: str | Path, out: str | Path, *, data=None, gates: Gates | None = None, target: str = "cpu",
            settings: BenchSettings | None = None, budget_s: float | None = None, preprocess: str = "imagenet",
-           source: str | None = None) -> dict:
+           source: str | None = None, executor: str | Executor | None = None) -> dict:
     """The auto search on an ONNX file: every candidate of :func:`search_space`, gated, timed,
     the fastest passing one chosen. ``source``: the torch model the file was exported from; with
     the built-in digits data, pruned-and-fine-tuned candidates join the search. Raises GateFailed
@@ -356,7 +374,7 @@ def search(model: str | Path, out: str | Path, *, data=None, gates: Gates | None
     if source is not None and (data or (prev or {}).get("dataset")) == "digits" and target == "cpu":
         cands += torch_candidates(source, Path(out))
     report = evaluate_variants(Path(model), cands, data=data, gates=gates, settings=settings, out=Path(out),
-                               budget_s=budget_s, preprocess=preprocess)
+                               budget_s=budget_s, preprocess=preprocess, executor=executor)
     raise_if_none(report, out)
     return report
 

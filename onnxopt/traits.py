@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from .artifact import model_size
 from .errors import BadInput, first_line
 from .passes._common import QUANTIZED_OPS
 from .passes._ranges import (COMPUTE_OPS, CONTROL_FLOW_OPS, float_tail, GraphInfo,
@@ -51,7 +52,7 @@ def _load(model) -> tuple[onnx.ModelProto, Path | None, int]:
     listed and checked for existence); a file that does not parse as ONNX is the BadInput that
     :func:`onnxopt.artifact.load_model` raises for it."""
     if isinstance(model, onnx.ModelProto):
-        return model, None, model.ByteSize()
+        return model, None, model_size(model)
     from .artifact import load_model
 
     p = Path(model)
@@ -69,7 +70,7 @@ def _checker(proto: onnx.ModelProto, external: bool) -> str:
     if external:
         return "skipped (external data not read)"
     try:
-        if proto.ByteSize() < 2**31 - 1:
+        if model_size(proto) < 2**31 - 1:
             onnx.checker.check_model(proto)
         return "ok"
     except Exception as e:

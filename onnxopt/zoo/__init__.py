@@ -7,6 +7,8 @@ resnet18      torchvision-identical ResNet-18, random weights with re-estimated 
               latency and size work
 mobilenet_v2  torchvision-identical MobileNetV2, same treatment
 minilm        the real all-MiniLM-L6-v2 sentence encoder (mean pooling, L2-normalised)
+big-encoder   the XLM-RoBERTa-large architecture (560M parameters, 2.2 GB in fp32, over
+              protobuf's 2 GiB) with seeded random weights, pooled like minilm; scale work
 ============  ==============================================================================
 
 Importing this package imports neither torch nor transformers; each ``build()`` does, lazily,
@@ -219,6 +221,30 @@ def _minilm_labels(n: int = 32) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# big-encoder: XLM-RoBERTa-large's config (transformers' XLMRobertaConfig defaults are base-sized;
+# these are the large model's published hyper-parameters), weights drawn from transformers' own
+# init under INIT_SEED. No download: the architecture is built from its config.
+
+BIG_ENCODER_CONFIG = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                          intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1,
+                          layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+
+
+def _build_big_encoder():
+    torch = _import_torch("big-encoder")
+    try:
+        from transformers import XLMRobertaConfig, XLMRobertaModel
+    except ImportError as exc:
+        raise MissingDependency("big-encoder", "transformers", "minilm") from exc
+    from onnxopt.zoo.minilm import SentenceEmbedder
+
+    torch.manual_seed(INIT_SEED)
+    config = XLMRobertaConfig(**BIG_ENCODER_CONFIG, attn_implementation="eager")
+    with torch.no_grad():
+        return SentenceEmbedder(XLMRobertaModel(config, add_pooling_layer=False)).eval()
+
+
+# --------------------------------------------------------------------------------------------
 # The registry
 
 _IMAGE = (InputSpec("input", ("batch", 3, 224, 224), "float32"),)
@@ -285,6 +311,20 @@ ZOO: dict[str, ModelSpec] = {
             default_opset=17,
             seq_lengths=(16, 64),
             extra={"real_labels": _minilm_labels},
+        ),
+        ModelSpec(
+            name="big-encoder",
+            summary="scale work: XLM-RoBERTa-large architecture (560M params, 2.2 GB: external data), random weights",
+            task="embedding",
+            inputs=_TOKENS,
+            outputs=("sentence_embedding",),
+            build=_build_big_encoder,
+            sample_inputs=_minilm_sample,  # BERT word pieces: ids inside XLM-R's vocabulary too
+            real_inputs=_minilm_real,
+            dataset="sentences",
+            exporter="torchscript",  # like minilm; it also writes a >2 GiB graph straight to a file
+            default_opset=17,
+            seq_lengths=(16, 64),
         ),
     )
 }
