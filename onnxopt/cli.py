@@ -266,12 +266,19 @@ def optimize(model, out, input_shape, dtype, weights, task, exporter, opset, bat
     click.echo(to_json(report) if as_json else optimize_summary(report))
 
 @main.command("run", context_settings=CONTEXT)
-@click.argument("recipe", type=click.Path())
-@click.option("-o", "--out", type=click.Path(), help="Output folder [default: the recipe's out, or out/<recipe>].")
+@click.argument("recipes", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", type=click.Path(), help="Output folder [default: the recipe's out, or out/<recipe>; "
+              "for several recipes out/fleet, one folder per recipe inside].")
 @external_data_option
+@click.option("--executor", default="local", show_default=True,
+              help="Where the recipes run: local (one after another) or ray[:ADDRESS] (one Ray task per recipe).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def run_cmd(recipe, out, as_json):
+def run_cmd(recipes, out, executor, as_json):
     """Run a declarative recipe (YAML or JSON): a model, data, steps or a search, and gates.
+
+    Several recipes (or --executor ray) make a fleet: every recipe is validated first, each runs
+    into OUT/<recipe name>, and OUT/fleet.json and fleet.md index the results; exit 3 when any
+    recipe fails a gate.
 
     The recipe is validated before any work starts (unknown keys and passes are errors that name
     the line and suggest the nearest name). Finished steps are cached by content hash, so a re-run
@@ -293,10 +300,21 @@ def run_cmd(recipe, out, as_json):
     Examples:
       onnxopt run digits.yaml
       onnxopt run search.yaml --json | jq .chosen
+      onnxopt run recipes/*.yaml --executor ray -o out/release
     """
-    from .recipe import run_recipe
+    from .recipe import fleet_markdown, run_fleet, run_recipe
     from .report import to_json
 
+    if len(recipes) > 1 or executor != "local":
+        try:
+            fleet = run_fleet(list(recipes), out, executor=executor)
+        except OnnxoptError as e:
+            if isinstance(e.report, dict) and e.report.get("kind") == "fleet" and not as_json:
+                click.echo(fleet_markdown(e.report))
+            raise
+        click.echo(to_json(fleet) if as_json else fleet_markdown(fleet))
+        return
+    recipe = recipes[0]
     try:
         report = run_recipe(recipe, out)
     except OnnxoptError as e:

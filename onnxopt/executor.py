@@ -83,9 +83,24 @@ def _init(ray, ex: Executor) -> bool:
     return True
 
 
-def _traced(fn: Callable, shared: Any, item: Any) -> tuple[Any, dict]:
-    """Runs in the Ray worker. onnxopt's own errors come back as values, so the driver raises
-    the same one-line error (and exit code) a local run would."""
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _thread_env() -> dict[str, str]:
+    """The driver's thread counts for the workers. Ray gives a 1-CPU task OMP_NUM_THREADS=1, and a
+    least-squares fit or a fine-tuning run summed over another number of BLAS/torch threads gives
+    other low bits: the same candidate would not be the same bytes as in a local run."""
+    env = {v: os.environ[v] for v in _THREAD_VARS if v in os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+def _traced(fn: Callable, shared: Any, item: Any, cwd: str) -> tuple[Any, dict]:
+    """Runs in the Ray worker, in the driver's working directory (relative paths mean the same
+    there: one machine, or the shared path every node mounts alike). onnxopt's own errors come
+    back as values, so the driver raises the same one-line error (and exit code) a local run would."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
     where = {"pid": os.getpid(), "node": os.uname().nodename}
     try:
         return fn(shared, item), where
@@ -117,9 +132,9 @@ def map_tasks(ex: Executor, fn: Callable[[Any, Any], Any], items: Sequence[Any],
     ray = _ray()
     started = _init(ray, ex)
     try:
-        remote = ray.remote(num_cpus=1, max_retries=0)(_traced)
+        remote = ray.remote(num_cpus=1, max_retries=0, runtime_env={"env_vars": _thread_env()})(_traced)
         ref = ray.put(shared)  # once into the object store; every task reads the same copy
-        futures = [remote.remote(fn, ref, item) for item in items]
+        futures = [remote.remote(fn, ref, item, os.getcwd()) for item in items]
         index = {f: i for i, f in enumerate(futures)}
         results: list = [None] * len(items)
         pending = list(futures)

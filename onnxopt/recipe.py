@@ -23,7 +23,7 @@ from .gates import Gates
 from .runner import make_pass
 from .search import evaluate_variants, raise_if_none, search
 
-__all__ = ["run_recipe", "load_recipe", "RECIPE_KEYS"]
+__all__ = ["run_recipe", "load_recipe", "run_fleet", "RECIPE_KEYS"]
 
 _PLACEHOLDER = object()  # stands in for calibration data when a recipe's steps are validated
 
@@ -208,3 +208,73 @@ def _reference(model: str, out: Path) -> Path:
     if not target.exists():
         export(model, target)
     return target
+
+
+# ---- many recipes: the fleet ------------------------------------------------------------------
+
+def _fleet_one(_shared, item: tuple[str, str]) -> dict:
+    """One recipe of a fleet, run where the executor puts it; a failed gate is a row, not a stop."""
+    from .errors import GateFailed
+
+    path, out = item
+    row = {"recipe": path, "out": out, "report": str(Path(out) / "report.json")}
+    try:
+        report = run_recipe(path, out)
+    except GateFailed as e:
+        report = e.report if isinstance(e.report, dict) else {}
+        row.update(status="gate failed", problem=e.problem)
+    else:
+        row["status"] = "ok"
+    chosen = next((v for v in report.get("variants", []) if v["name"] == report.get("chosen")), None)
+    ref = report.get("reference_row") or {}
+    row.update(model=report.get("reference"), chosen=report.get("chosen"),
+               speedup=chosen.get("speedup") if chosen else None,
+               bytes=chosen.get("bytes") if chosen else None, reference_bytes=ref.get("bytes"))
+    return row
+
+
+def run_fleet(paths: list[str | Path], out: str | Path | None = None, *, executor=None) -> dict:
+    """Run many recipes, one task per recipe (:mod:`onnxopt.executor`: local, or Ray), each into
+    ``out/<recipe name>``; gather their results into ``out/fleet.json`` and ``fleet.md``. Every
+    recipe is validated before any runs. Raises GateFailed (exit 3, the fleet as its report) when
+    any recipe failed a gate; the index is written either way."""
+    from .artifact import write_json, write_text
+    from .errors import GateFailed
+    from .executor import map_tasks, parse_executor
+
+    ex = parse_executor(executor)
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        load_recipe(p)
+    stems = [p.stem for p in paths]
+    dup = next((s for s in stems if stems.count(s) > 1), None)
+    if dup is not None:
+        raise BadInput(str(next(p for p in paths if p.stem == dup)), f"two recipes are named '{dup}': their "
+                       "outputs would share a folder", "rename one")
+    out = Path(out or Path("out") / "fleet")
+    items = [(str(p), str(out / p.stem)) for p in paths]
+    done = map_tasks(ex, _fleet_one, items)
+    rows = [dict(row, ran_in=where) if where else row for row, where in done]
+    fleet = {"kind": "fleet", "executor": ex.describe(), "out": str(out), "recipes": rows,
+             "passed": all(r["status"] == "ok" for r in rows)}
+    write_json(out / "fleet.json", fleet)
+    write_text(out / "fleet.md", fleet_markdown(fleet))
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise GateFailed(str(out / "fleet.json"), f"{len(failed)} of {len(rows)} recipe(s) failed a gate ("
+                         + "; ".join(f"{Path(r['recipe']).name}: {r.get('problem', r['status'])}" for r in failed[:3])
+                         + ")", "each recipe's report.json says which gate and by how much", report=fleet)
+    return fleet
+
+
+def fleet_markdown(fleet: dict) -> str:
+    from .report import human_bytes, table
+
+    rows = [[Path(r["recipe"]).name, r["status"], r.get("chosen") or "-",
+             f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
+             human_bytes(r.get("reference_bytes")), human_bytes(r.get("bytes")), r["report"]]
+            for r in fleet["recipes"]]
+    head = ["recipe", "status", "chosen", "speed-up", "reference", "chosen size", "report"]
+    ok = sum(r["status"] == "ok" for r in fleet["recipes"])
+    return (f"# Fleet: {ok} of {len(fleet['recipes'])} recipe(s) hold every gate\n\n"
+            f"executor: {fleet['executor']['kind']}\n\n```\n{table(head, rows)}\n```\n")

@@ -215,7 +215,7 @@ def _build_all(ctx: _Context, candidates: list[dict], settings: BenchSettings, b
     # The budget covers the whole search: keep room for the final side-by-side timing.
     n_configs = len(settings.batches) * max(1, len(settings.threads)) * len(settings.providers)
     build_budget = None if budget_s is None else budget_s - n_configs * (settings.duration + 3)
-    spent = {"status": "skipped", "reason": f"time budget of {budget_s:g} s spent (or would be)"}
+    spent = {"status": "skipped", "reason": f"time budget of {budget_s or 0:g} s spent (or would be)"}
     bar = progress(total=len(candidates), desc="candidates", unit="variant")
     if executor.kind != "local":  # Ray tasks; what is still running when the budget ends is cancelled
         done = map_tasks(executor, _build_one, candidates, shared=ctx, on_done=lambda i, r: bar.update(1),
