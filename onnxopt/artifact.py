@@ -360,6 +360,11 @@ class _Sink:
             self.f.write(b)
 
 
+def external_forced() -> bool:
+    """Inside :func:`external_data` (``--external-data``)."""
+    return _FORCE_EXTERNAL.get()
+
+
 def wants_external(model: onnx.ModelProto) -> bool:
     """Whether onnxopt writes ``model`` with external data: 1 GiB or more, or ``--external-data``."""
     return _FORCE_EXTERNAL.get() or model_size(model) >= EXTERNAL_AUTO_BYTES

@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from ..artifact import EXTERNAL_AUTO_BYTES, clear_default_locations
+from ..artifact import EXTERNAL_AUTO_BYTES, clear_default_locations, external_forced
 from ..errors import BadInput
 
 __all__ = ["via_ort", "to_proto", "weight_bytes", "external"]
@@ -52,8 +52,9 @@ def via_ort(model: ir.Model, tool: Callable[[Path, Path, Path], Any], *, where: 
     with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
         work = Path(tmp)
         src, dst = work / "input.onnx", work / "output.onnx"
-        if weight_bytes(model) >= EXTERNAL_AUTO_BYTES:
-            # streamed tensor by tensor into input.onnx.data, without a whole-model proto copy
+        if external_forced() or weight_bytes(model) >= EXTERNAL_AUTO_BYTES:
+            # streamed tensor by tensor into input.onnx.data, without a whole-model proto copy; the
+            # tool then writes its output with external data too (--external-data: the big-model path)
             ir.save(model, str(src), external_data=src.name + ".data")
         else:
             onnx.save_model(to_proto(model), str(src))

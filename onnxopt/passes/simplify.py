@@ -28,7 +28,7 @@ import onnx_ir as ir
 from ..errors import BadInput, check_choice
 from ..options import option
 from ._common import OnnxoptPass, PassResult, looks_like_transformer, op_counts
-from ._ort import via_ort
+from ._ort import external, via_ort
 
 __all__ = ["Simplify", "LEVELS", "TRANSFORMER_MODES", "detect_heads_hidden", "ort_optimizers"]
 
@@ -277,6 +277,10 @@ class Simplify(OnnxoptPass):
         opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if self.level == "basic"
                                          else ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         opts.optimized_model_filepath = str(dst)
+        if external(src):  # a model over 2 GiB: ORT writes its weights beside the output too
+            opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                          dst.name + ".data")
+            opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"],
                                  disabled_optimizers=list(self.disable))
@@ -313,5 +317,5 @@ class Simplify(OnnxoptPass):
                     extra["skip_layer_norm_kept"] = kept
                 extra["residual_add_as_sum"] = _residual_add_as_sum(opt.model.graph)
             fused = {k: int(v) for k, v in sorted(opt.get_fused_operator_statistics().items()) if v}
-            opt.save_model_to_file(str(dst))
+            opt.save_model_to_file(str(dst), use_external_data_format=external(src))
         return {"fusions": fused, **extra}
