@@ -74,6 +74,7 @@ def distill(teacher, output, as_json, **options):
       onnxopt distill digits.onnx -o student.onnx
       onnxopt distill digits.onnx -o student.onnx --width 0.25 --epochs 30 --alpha 0.3
       onnxopt distill digits.onnx -o student.onnx --nproc 2
+      onnxopt distill digits.onnx -o s.onnx --nnodes 2 --node-rank 0 --master 10.0.0.1:29500   # and rank 1
       onnxopt distill teacher.onnx -o s.onnx --student mypkg.nets:small --data train.npz --unlabelled extra.npz
     """
     from .render import distill_summary
@@ -81,6 +82,9 @@ def distill(teacher, output, as_json, **options):
 
     # The options are DistillSettings fields by name; the API builds the settings (and checks them).
     side = api_distill(teacher, output, **options)
+    if side.get("output", output) is None:  # a node other than 0 of a multi-machine run
+        click.echo(to_json(side) if as_json else side["note"])
+        return
     if as_json:
         click.echo(to_json(side))
         return

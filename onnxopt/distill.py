@@ -107,6 +107,11 @@ class DistillSettings:
     seed: int = option(0)
     nproc: int = option(1, "Processes: >1 runs DistributedDataParallel via torch.distributed.run (gloo on CPU, "
                         "nccl on GPU).")
+    nnodes: int = option(1, "Machines: each runs this same command with its own --node-rank (torch.distributed.run "
+                         "--nnodes); node 0 writes the student.")
+    node_rank: int = option(0, "This machine's place among --nnodes (0 = the one that writes the output).")
+    master: str | None = option(None, "HOST:PORT of node 0, where the processes meet (with --nnodes > 1).", type=str,
+                                metavar="HOST:PORT")
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
     threads: int = option(1, "torch threads per process.")
     checkpoint_dir: str | Path | None = option(None, "Where the per-epoch checkpoint goes [default: "
@@ -139,6 +144,21 @@ class DistillSettings:
             raise BadInput("on_epoch_end", "is called in this process only; it cannot run with nproc > 1")
         check_choice(self.device, ("auto", "cpu", "cuda"), "--device")
 
+    def _check_nodes(self) -> None:
+        nnodes, rank = int(self.nnodes), int(self.node_rank)
+        if nnodes < 1:
+            raise BadInput("--nnodes", "must be >= 1")
+        if not 0 <= rank < nnodes:
+            raise BadInput("--node-rank", f"must be in 0..{nnodes - 1} for --nnodes {nnodes}, got {rank}")
+        if nnodes > 1:
+            host, _, port = str(self.master or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise BadInput("--master", f"'{self.master}' is not HOST:PORT" if self.master else
+                               "is needed with --nnodes > 1", "node 0's address and a free port, e.g. 10.0.0.1:29500")
+            if int(self.batch) % (nnodes * int(self.nproc)):
+                raise BadInput("--batch", f"{self.batch} is not divisible by {nnodes * int(self.nproc)} processes "
+                               f"(--nnodes {nnodes} x --nproc {self.nproc})")
+
     def _check_numbers(self) -> None:
         if not 0 <= float(self.alpha) <= 1:
             raise BadInput("--alpha", f"must be in [0, 1] (the weight of the label loss), got {self.alpha}")
@@ -157,6 +177,7 @@ class DistillSettings:
         if int(self.batch) % int(self.nproc):
             raise BadInput("--batch", f"{self.batch} is not divisible by --nproc {self.nproc}",
                            "the global batch is split evenly across the processes")
+        self._check_nodes()
         if not float(self.width) > 0:
             raise BadInput("--width", f"must be > 0, got {self.width}")
 
@@ -248,6 +269,9 @@ def distill(teacher: str | Path, output: str | Path, *, settings: DistillSetting
     arrays, cache_hit = _training_arrays(s, t, data, need_teacher and not online)
     cfg = _job_config(torch, s, t, data, st, online, use_cuda, output)
     result = _run_training(cfg, arrays, s, t, data)
+    if result is None:
+        return {"node_rank": int(s.node_rank), "nnodes": int(s.nnodes), "output": None,
+                "note": f"node {s.node_rank} of {s.nnodes} trained its share; node 0 writes {output}"}
     side, step = _export_student(s, t, data, cfg, result, output)
     student_params = _onnx_params(load_model(output)) if t.desc["kind"] == "onnx" else st.params
     targets = ("online (augmented views)" if online else ("cached" if cache_hit else "computed once")
@@ -524,21 +548,32 @@ def _check_checkpoint(torch, path: Path, fingerprint: str, resume: bool) -> None
 def _run_training(cfg: dict, arrays: dict, s: DistillSettings, t: _Teacher, data: _Data) -> dict:
     from . import _distill_worker as worker
 
-    if int(s.nproc) == 1:
+    if int(s.nproc) == 1 and int(s.nnodes) == 1:
         return worker.train(cfg, arrays, rank=0, world=1, augment_fn=data.augment if callable(data.augment) else None,
                             teacher=t.run if cfg["online_teacher"] else None, on_epoch_end=s.on_epoch_end)
-    return _launch(cfg, arrays)
+    return _launch(cfg, arrays, s)
 
 
-def _launch(cfg: dict, arrays: dict[str, np.ndarray]) -> dict:
-    """Run the training in ``cfg["nproc"]`` processes with torch.distributed.run; read the result."""
+def _launcher(cfg: dict, s: DistillSettings) -> list[str]:
+    """torch.distributed.run's arguments: one machine (--standalone), or node ``node_rank`` of
+    ``nnodes`` meeting at ``master`` (static rendezvous: node 0 holds global rank 0)."""
+    if int(s.nnodes) == 1:
+        return ["--standalone", "--nproc-per-node", str(cfg["nproc"])]
+    host, _, port = str(s.master).rpartition(":")
+    return ["--nnodes", str(s.nnodes), "--node-rank", str(s.node_rank), "--master-addr", host, "--master-port", port,
+            "--nproc-per-node", str(cfg["nproc"])]
+
+
+def _launch(cfg: dict, arrays: dict[str, np.ndarray], s: DistillSettings) -> dict | None:
+    """Run the training in ``cfg["nproc"]`` processes (on each of ``nnodes`` machines) with
+    torch.distributed.run; read the result. None on a node other than 0 (node 0 writes it)."""
     torch = require_torch("distill")
     with tempfile.TemporaryDirectory(prefix="onnxopt-distill.") as tmp:
         job = Path(tmp)
         np.savez(job / "arrays.npz", **arrays)
         (job / "job.json").write_text(json.dumps(cfg, sort_keys=True))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-               str(cfg["nproc"]), "-m", "onnxopt._distill_worker", str(job)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", *_launcher(cfg, s), "-m", "onnxopt._distill_worker",
+               str(job)]
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join([root, os.getcwd()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
@@ -552,12 +587,14 @@ def _launch(cfg: dict, arrays: dict[str, np.ndarray]) -> dict:
         if proc.stdout:
             sys.stderr.write(proc.stdout)
         res_path = job / "result.json"
+        if proc.returncode == 0 and int(s.node_rank) > 0:
+            return None  # this node's processes trained their share; node 0 has the result
         if proc.returncode != 0 or not res_path.is_file():
             raise RuntimeError(f"distributed training failed (torch.distributed.run exited {proc.returncode}); "
                                "the workers' errors are above")
         result = json.loads(res_path.read_text())
         result["launch_seconds"] = round(time.perf_counter() - t0, 3)
-        result["launcher"] = "torch.distributed.run --standalone"
+        result["launcher"] = "torch.distributed.run " + " ".join(_launcher(cfg, s)[:2])
         ck = torch.load(cfg["checkpoint"], map_location="cpu", weights_only=True)
         result["state"] = ck["student"]
     return result
@@ -581,6 +618,7 @@ def _export_student(s: DistillSettings, t: _Teacher, data: _Data, cfg: dict, res
             "temperature": float(s.temperature), "alpha": float(s.alpha), "hint_weight": float(s.hint_weight),
             "hint": t.desc.get("hint"), "augment": cfg["augment"], "epochs": int(s.epochs), "batch": int(s.batch),
             "lr": float(s.lr), "weight_decay": float(s.weight_decay), "seed": int(s.seed), "nproc": int(s.nproc),
+            "nnodes": int(s.nnodes),
             "backend": result.get("backend"), "training_data": data.train.name, "samples": len(data.train),
             "labelled": data.labelled, "train_losses": result["losses"],
             "resumed_from_epoch": result.get("resumed_from"), "train_seconds": result.get("seconds"),
@@ -628,7 +666,7 @@ def _summary(step: dict, t: _Teacher, cfg: dict, result: dict, student_params: i
             "params_counted": "ONNX initializers" if onnx_teacher else "torch parameters",
             "classes": cfg["classes"],
             "temperature": step["temperature"], "alpha": step["alpha"], "hint_weight": step["hint_weight"],
-            "augment": step["augment"], "epochs": step["epochs"], "nproc": step["nproc"],
+            "augment": step["augment"], "epochs": step["epochs"], "nproc": step["nproc"], "nnodes": step["nnodes"],
             "backend": result.get("backend"),
             "training_data": step["training_data"], "samples": step["samples"], "labelled": step["labelled"],
             "teacher_targets": targets,

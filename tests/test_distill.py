@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -283,3 +286,53 @@ def test_the_worker_does_not_import_the_job():
             "print(sorted(m for m in ('torch', 'onnxopt._distill_worker') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code, str(pkg)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_two_machines_meet_at_a_rendezvous_like_two_local_processes(work, tmp_path):
+    """The multi-node command line (--nnodes 2 --node-rank R --master HOST:PORT), both nodes on
+    this machine: the same DDP world as --nproc 2, so the same training and the same student."""
+    import json
+    import socket
+    import subprocess
+
+    from test_cli import run_cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--data", work / "tiny.npz", "--width", "0.25", "--epochs", "3", "--batch", "32", "--augment", "shift",
+              "--test-data", "digits", "--cache-dir", work / "cache", "--json"]
+    env_cmd = [sys.executable, "-m", "onnxopt.cli", "distill", str(work / "teacher.onnx")]
+    from test_cli import ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ONNXOPT_NO_PROGRESS="1")
+    node1 = subprocess.Popen(env_cmd + ["-o", str(tmp_path / "n1.onnx"), "--nnodes", "2", "--node-rank", "1",
+                                        "--master", f"127.0.0.1:{port}", "--checkpoint-dir", str(tmp_path / "ck1"),
+                                        *map(str, common)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    node0 = run_cli("distill", work / "teacher.onnx", "-o", tmp_path / "n0.onnx", "--nnodes", "2", "--node-rank", "0",
+                    "--master", f"127.0.0.1:{port}", "--checkpoint-dir", tmp_path / "ck0", *common)
+    out1, err1 = node1.communicate(timeout=600)
+    assert node0.returncode == 0, node0.stderr[-3000:]
+    assert node1.returncode == 0, err1[-3000:]
+    assert json.loads(out1)["output"] is None and not (tmp_path / "n1.onnx").exists()  # node 0 writes
+    d = json.loads(node0.stdout)["distill"]
+    assert d["nnodes"] == 2 and d["coverage"]["per_process"] == [TINY // 2, TINY // 2]
+    local = run_cli("distill", work / "teacher.onnx", "-o", tmp_path / "p2.onnx", "--nproc", "2",
+                    "--checkpoint-dir", tmp_path / "ckp", *common)
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert json.loads(local.stdout)["distill"]["train_losses"] == d["train_losses"]
+    assert (tmp_path / "p2.onnx").read_bytes() == (tmp_path / "n0.onnx").read_bytes()
+
+
+def test_multi_machine_options_are_checked():
+    from onnxopt.distill import DistillSettings
+
+    with pytest.raises(BadInput, match="--master: is needed"):
+        DistillSettings(nnodes=2)
+    with pytest.raises(BadInput, match="--node-rank: must be in 0..1"):
+        DistillSettings(nnodes=2, node_rank=2, master="h:1")
+    with pytest.raises(BadInput, match="--master: 'h' is not HOST:PORT"):
+        DistillSettings(nnodes=2, master="h")
+    with pytest.raises(BadInput, match="not divisible by 4 processes"):
+        DistillSettings(nnodes=2, nproc=2, batch=6, master="h:1")
