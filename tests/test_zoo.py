@@ -47,7 +47,7 @@ def state_bytes(model) -> dict[str, bytes]:
 
 
 def test_names_default_first_and_specs_consistent():
-    assert zoo.names() == ("digits-cnn", "resnet18", "mobilenet_v2", "minilm")
+    assert zoo.names() == ("digits-cnn", "resnet18", "mobilenet_v2", "minilm", "big-encoder")
     assert zoo.DEFAULT == zoo.names()[0]
     for name in zoo.names():
         spec = zoo.get(name)
@@ -56,6 +56,18 @@ def test_names_default_first_and_specs_consistent():
         assert spec.exporter in ("dynamo", "torchscript")
     assert zoo.get("minilm").seq_lengths == (16, 64)
     assert zoo.get("minilm").dynamic_axes() == {n: {0: "batch", 1: "seq"} for n in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def test_big_encoder_is_xlm_roberta_large_and_over_2_gib():
+    """Counted on torch's meta device (no memory, no init): 559M parameters, over protobuf's limit."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.XLMRobertaConfig(**zoo.BIG_ENCODER_CONFIG)
+    with torch.device("meta"):
+        net = transformers.XLMRobertaModel(config, add_pooling_layer=False)
+    params = sum(p.numel() for p in net.parameters())
+    assert 558e6 < params < 560e6 and params * 4 > 2**31  # XLM-R large without its pooler: 558.8M
+    assert zoo.get("big-encoder").exporter == "torchscript" and zoo.get("big-encoder").task == "embedding"
 
 
 def test_get_accepts_either_separator():
@@ -68,7 +80,7 @@ def test_unknown_name_is_bad_input():
         zoo.get("resnet50")
     assert info.value.exit_code == 2
     assert info.value.where == "resnet50"
-    assert "choose one of: digits-cnn, resnet18, mobilenet_v2, minilm" in str(info.value)
+    assert "choose one of: digits-cnn, resnet18, mobilenet_v2, minilm, big-encoder" in str(info.value)
 
 
 def test_import_does_not_pull_in_torch():

@@ -7,7 +7,7 @@ resnet18      torchvision-identical ResNet-18, random weights with re-estimated 
               latency and size work
 mobilenet_v2  torchvision-identical MobileNetV2, same treatment
 minilm        the real all-MiniLM-L6-v2 sentence encoder (mean pooling, L2-normalised)
-big-encoder   the XLM-RoBERTa-large architecture (560M parameters, 2.2 GB in fp32, over
+big-encoder   the XLM-RoBERTa-large architecture (559M parameters, 2.2 GB in fp32, over
               protobuf's 2 GiB) with seeded random weights, pooled like minilm; scale work
 ============  ==============================================================================
 
@@ -314,7 +314,7 @@ ZOO: dict[str, ModelSpec] = {
         ),
         ModelSpec(
             name="big-encoder",
-            summary="scale work: XLM-RoBERTa-large architecture (560M params, 2.2 GB: external data), random weights",
+            summary="scale work: XLM-RoBERTa-large architecture (559M params, 2.2 GB: external data), random weights",
             task="embedding",
             inputs=_TOKENS,
             outputs=("sentence_embedding",),
