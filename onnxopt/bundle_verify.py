@@ -31,14 +31,15 @@ from typing import Any
 import numpy as np
 
 from .artifact import external_locations
-from .bundle_format import FORMAT, FORMAT_VERSION, MANIFEST, SMOKE, _compare, _try_session
+from .bundle_format import FORMAT, FORMAT_VERSION, MANIFEST, MODEL_DATA, SMOKE, _compare, _try_session
 from .errors import BadInput, VerificationFailed, first_line
 
 # Caps against archive bombs, checked on each tar header before its data is read. A model is
 # below 2 GiB (protobuf's limit), and a bundle holds it at most twice (ONNX and ORT format).
 MAX_MEMBERS = 64
 MAX_MEMBER_BYTES = 2**31
-MAX_TOTAL_BYTES = 3 * 2**31
+MAX_DATA_BYTES = 2**36  # model.onnx.data, the weights of a model over 2 GiB: up to 64 GiB
+MAX_TOTAL_BYTES = MAX_DATA_BYTES + 3 * 2**31
 
 _DAMAGED = "the bundle was damaged or edited; re-pack it"
 
@@ -87,8 +88,9 @@ def _safe_members(tf: tarfile.TarFile, archive: str) -> list[tarfile.TarInfo]:
             raise BadInput(archive, f"unsafe entry '{m.name}': is a {'fifo' if m.isfifo() else 'device file'}", hint)
         if not (m.isreg() or m.isdir()):
             raise BadInput(archive, f"unsafe entry '{m.name}': is not a regular file or folder", hint)
-        if m.size > MAX_MEMBER_BYTES:
-            raise BadInput(archive, f"entry '{m.name}' claims {m.size:,} bytes, over the {MAX_MEMBER_BYTES:,}-byte "
+        cap = MAX_DATA_BYTES if _normal(m.name) == MODEL_DATA else MAX_MEMBER_BYTES
+        if m.size > cap:
+            raise BadInput(archive, f"entry '{m.name}' claims {m.size:,} bytes, over the {cap:,}-byte "
                            "limit per file", hint)
         total += m.size
         if total > MAX_TOTAL_BYTES:

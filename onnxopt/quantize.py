@@ -33,6 +33,7 @@ from .jobs import (DataOptions, calibration_data, check_output, check_runs, eval
 from .options import build, check_choices, fields_of, option, split
 from .passes import QuantizeInt4, QuantizeStatic, choose_mode
 from .passes._common import looks_like_transformer, op_counts, refuse_quantized
+from .passes._ort import weight_bytes
 from .passes.quantize import TARGETS
 from .runner import Step, calibration_feeds, run_steps
 from .runtime import available_providers
@@ -95,6 +96,9 @@ class _Plan:
     calibration_name: str | None = None
 
 
+FUSE_UP_TO_BYTES = 1 << 30
+
+
 def quantize_steps(mode: str, model: ir.Model, static: dict, job: QuantizeSettings
                    ) -> tuple[str, str, list[Step], Callable[[tuple[str, ...]], Step]]:
     """(chosen mode, why, steps before the quantizer, quantizer step for excluded nodes): the
@@ -112,7 +116,11 @@ def quantize_steps(mode: str, model: ir.Model, static: dict, job: QuantizeSettin
             "quantize-static", {**settings, "preprocess": False, "nodes_to_exclude": excl})
     if chosen == "dynamic":
         pre = []
-        if job.fuse_transformer and looks_like_transformer(model)[0]:
+        big = weight_bytes(model) >= FUSE_UP_TO_BYTES
+        if job.fuse_transformer and looks_like_transformer(model)[0] and big:
+            why += ("; here without the fusions, as on any weights of 1 GiB or more (ORT's fusion optimizer held 10x the "
+                    "weights' size in memory on the 2.2 GB big-encoder: benchmarks/results/scale.md)")
+        elif job.fuse_transformer and looks_like_transformer(model)[0]:
             # skip_layer_norm off: ORT's CPU SkipLayerNormalization kernel is slower than
             # Add + LayerNormalization (see Simplify); dynamic INT8 only runs on the CPU.
             pre = [Step("simplify", {"transformer": "bert", "gelu_approximation": True, "skip_layer_norm": False})]
