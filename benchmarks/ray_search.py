@@ -33,6 +33,20 @@ GATES = {"digits-cnn": ["--max-drop", "0.5"], "minilm": ["--min-cosine", "0.99"]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def _free_port() -> int:
+    """A free port outside Ray's worker ports (10002-19999) and its fixed defaults (52365 and up)."""
+    import random
+
+    for port in random.Random().sample(range(21000, 30000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 21000-29999")
+
+
 def cli(args: list[str], env: dict) -> tuple[dict, float]:
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "onnxopt.cli", *args], capture_output=True, text=True, env=env)
@@ -65,9 +79,7 @@ def main() -> None:
                 out = work / f"{m}-{executor}-{cpus}"
                 args = ["optimize", *base, "-o", str(out)]
                 if cpus:
-                    with socket.socket() as s:
-                        s.bind(("127.0.0.1", 0))
-                        port = s.getsockname()[1]
+                    port = _free_port()
                     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                                     f"--num-cpus={cpus}", "--include-dashboard=false", "--disable-usage-stats",
                                     "--object-store-memory=300000000"], check=True, capture_output=True, env=env)

@@ -392,6 +392,10 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bo
     if not external:
         data = model_bytes(model)
         atomic_write_bytes(path, data)
+        stale = path.with_name(path.name + ".data")  # an earlier external write of this same output
+        with contextlib.suppress(OSError):
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink()
         return {"sha256": sha256_bytes(data), "bytes": len(data)}
     location = path.name + ".data"
     target = path.with_name(location)

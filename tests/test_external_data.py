@@ -99,6 +99,8 @@ def test_external_data_is_chosen_by_size_and_forced_by_the_context(tmp_path, mon
     with artifact.external_data():
         assert "external_data" in write_model(m, tmp_path / "forced.onnx")
     assert "external_data" not in write_model(m, tmp_path / "after.onnx")  # the scope ended
+    write_model(m, tmp_path / "forced.onnx")  # written inline again: its old .data file goes
+    assert not (tmp_path / "forced.onnx.data").exists()
     monkeypatch.setattr(artifact, "EXTERNAL_AUTO_BYTES", 10_000)
     assert "external_data" in write_model(m, tmp_path / "big.onnx")
 

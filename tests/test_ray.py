@@ -12,22 +12,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 
 from onnxopt.errors import BadInput
 from onnxopt.executor import parse_executor
-from onnxopt.runtime import make_session
 from test_cli import _assert_clean_error, run_cli
-from test_quantize import make_cnn
+from test_recipe import cnn_case  # noqa: F401  (the fixture: a tiny CNN and labelled data)
 
 ray = pytest.importorskip("ray", reason="ray is installed by `make setup` (the [ray] extra)")
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port between Ray's worker ports (10002-19999) and its fixed defaults (52365 and up):
+    any free port could be one Ray's other components then want."""
+    import random
+
+    for port in random.Random().sample(range(21000, 30000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 21000-29999")
 
 
 @pytest.fixture(scope="module")
@@ -56,23 +62,13 @@ def cluster(tmp_path_factory):
                 os.environ[k] = v
 
 
-@pytest.fixture
-def cnn(tmp_path):
-    proto = make_cnn()
-    src = tmp_path / "cnn.onnx"
-    onnx.save(proto, src)
-    x = np.random.default_rng(3).standard_normal((64, 3, 8, 8)).astype(np.float32)
-    np.savez(tmp_path / "d.npz", x=x, labels=make_session(proto).run(None, {"x": x})[0].argmax(1))
-    return src, tmp_path / "d.npz"
-
-
 def _variant_bytes(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "variants").glob("*.onnx"))}
 
 
-def test_a_search_on_ray_gives_the_local_search(cluster, cnn, tmp_path):
+def test_a_search_on_ray_gives_the_local_search(cluster, cnn_case, tmp_path):
     """The CLI in subprocesses: Ray reads its token from the environment when a process starts."""
-    src, data = cnn
+    src, data = cnn_case
     args = ["optimize", src, "--data", data, "--max-drop", "5", "--batch", "1", "--duration", "0.2", "--no-memory",
             "--json"]
     local = run_cli(*args, "-o", tmp_path / "local")
@@ -98,8 +94,8 @@ def _recipes(tmp_path, src, data) -> list[Path]:
     return [ok, slow]
 
 
-def test_a_fleet_on_ray_gathers_one_index_and_keeps_the_exit_codes(cluster, cnn, tmp_path):
-    src, data = cnn
+def test_a_fleet_on_ray_gathers_one_index_and_keeps_the_exit_codes(cluster, cnn_case, tmp_path):
+    src, data = cnn_case
     recipes = _recipes(tmp_path, src, data)
     res = run_cli("run", *recipes, "--executor", f"ray:{cluster}", "-o", tmp_path / "fleet", "--json")
     assert res.returncode == 3, res.stderr  # one recipe failed its gate
@@ -117,11 +113,11 @@ def test_a_fleet_on_ray_gathers_one_index_and_keeps_the_exit_codes(cluster, cnn,
     assert _variant_bytes(tmp_path / "fleet" / "ok")
 
 
-def test_a_bad_input_inside_a_ray_task_is_one_line_exit_2(cluster, cnn, tmp_path):
-    src, _ = cnn
+def test_a_bad_input_inside_a_ray_task_is_one_line_exit_2(cluster, cnn_case, tmp_path):
+    src, _ = cnn_case
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"model: {src}\ndata: {tmp_path / 'missing.npz'}\nsteps: [quantize-static]\n")
-    good = _recipes(tmp_path, *cnn)[0]
+    good = _recipes(tmp_path, *cnn_case)[0]
     res = run_cli("run", good, bad, "--executor", f"ray:{cluster}", "-o", tmp_path / "fleet")
     _assert_clean_error(res, tmp_path / "fleet" / "bad" / "report.json", "missing.npz")
 
