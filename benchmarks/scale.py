@@ -75,6 +75,19 @@ def cosines(paths: dict[str, Path]) -> dict[str, dict]:
     return res
 
 
+def _args_without_work(argv: list[str]) -> list[str]:
+    """The command line as committed: --work names a folder on one machine."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--work":
+            skip = True
+        elif not x.startswith("--work="):
+            out.append(x)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="big-encoder")
@@ -121,7 +134,7 @@ def main() -> None:
         bundle_mb = round((work / "bundle.tar.gz").stat().st_size / 2**20, 1) if (work / "bundle.tar.gz").exists() else None
         result = {"model": m, "external_data_forced": a.external_data, "steps": log, "variants": rows,
                   "bundle_mb": bundle_mb, "machine": bench.get("machine") if bench else None,
-                  "made_by": "python benchmarks/scale.py " + " ".join(sys.argv[1:])}
+                  "made_by": "python benchmarks/scale.py " + " ".join(x for x in _args_without_work(sys.argv[1:]))}
         result = without_machine_paths(result, str(work))
         write_results(a.out_name, result, markdown(result))
 
