@@ -40,6 +40,7 @@ __all__ = [
     "external_locations",
     "EXTERNAL_AUTO_BYTES",
     "on_disk",
+    "over_proto_limit",
     "wants_external",
     "clear_default_locations",
     "GZIP_UP_TO",
@@ -170,7 +171,7 @@ def check_model(model: onnx.ModelProto, where: str, produced: bool = False) -> N
     """Run ``onnx.checker`` and turn its complaint into a one-line :class:`BadInput` -- or, for a
     model onnxopt ``produced`` (about to be written), an :class:`InternalError`: onnxopt's bug."""
     try:
-        if not _over_limit(model):
+        if not over_proto_limit(model):
             onnx.checker.check_model(model)
         else:  # the checker takes a big model only as a file
             with on_disk(model) as p:
@@ -214,7 +215,7 @@ def model_bytes(model: onnx.ModelProto) -> bytes:
     """Deterministic serialization (map fields sorted). A model of 2 GiB or more has no single
     serialization: size it with :func:`model_size`, hash it with :func:`model_digest`, write it
     with :func:`write_model`."""
-    if _over_limit(model):
+    if over_proto_limit(model):
         raise InternalError(model.graph.name or "model", "a model of 2 GiB or more was serialized whole",
                             "this is a bug in onnxopt: big models go through write_model/model_digest")
     return model.SerializeToString(deterministic=True)
@@ -244,7 +245,9 @@ def model_size(model: onnx.ModelProto) -> int:
                 + sum(f.ByteSize() for f in model.functions))
 
 
-def _over_limit(model: onnx.ModelProto) -> bool:
+def over_proto_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too big for protobuf to serialize whole (2 GiB): it then goes to ORT,
+    the checker and files with external data."""
     return model_size(model) >= _PROTO_LIMIT
 
 
@@ -373,7 +376,7 @@ def wants_external(model: onnx.ModelProto) -> bool:
 def model_digest(model: onnx.ModelProto) -> str:
     """sha256 of the model's deterministic serialization; a model of 2 GiB or more (which has
     none) is hashed as its external-data header plus its weights, streamed."""
-    if not _over_limit(model):
+    if not over_proto_limit(model):
         return sha256_bytes(model_bytes(model))
     sink = _Sink()
     header = _split(model, sink, "weights")

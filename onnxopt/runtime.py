@@ -13,7 +13,6 @@ __all__ = ["PROVIDERS", "available_providers", "make_session", "run"]
 
 logger = logging.getLogger(__name__)
 
-_BIG = 2**31 - 1  # protobuf's limit: a bigger model reaches ORT through a file with external data
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -60,12 +59,6 @@ def _failed(where: str, loading: bool, e: Exception, produced: bool):
     return BadInput(where, f"ONNX Runtime {what}: {ort_reason(e)}")
 
 
-def _big(model: onnx.ModelProto) -> bool:
-    from .artifact import model_size
-
-    return model_size(model) >= _BIG
-
-
 def make_session(model, provider: str = "cpu", threads: int | None = None, where: str = "model",
                  produced: bool = False):
     """An inference session with spinning off (several sessions interleave fairly on few cores),
@@ -86,8 +79,9 @@ def make_session(model, provider: str = "cpu", threads: int | None = None, where
     providers = [PROVIDERS[provider]]
     if provider == "cuda":
         providers.append(PROVIDERS["cpu"])
-    if isinstance(model, onnx.ModelProto) and _big(model):
-        from .artifact import on_disk
+    from .artifact import on_disk, over_proto_limit
+
+    if isinstance(model, onnx.ModelProto) and over_proto_limit(model):
 
         with on_disk(model) as p:  # ORT takes a model of 2 GiB or more only as a file
             return make_session(p, provider, threads, where, produced)

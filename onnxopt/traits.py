@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from .artifact import model_size
+from .artifact import model_size, over_proto_limit
 from .errors import BadInput, first_line
 from .passes._common import QUANTIZED_OPS
 from .passes._ranges import (COMPUTE_OPS, CONTROL_FLOW_OPS, float_tail, GraphInfo,
@@ -70,7 +70,7 @@ def _checker(proto: onnx.ModelProto, external: bool) -> str:
     if external:
         return "skipped (external data not read)"
     try:
-        if model_size(proto) < 2**31 - 1:
+        if not over_proto_limit(proto):
             onnx.checker.check_model(proto)
         return "ok"
     except Exception as e:

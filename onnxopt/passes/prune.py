@@ -40,7 +40,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (TopologicalSortPass, ShapeInferencePass)
 
-from ..artifact import model_size
+from ..artifact import over_proto_limit
 from ..errors import BadInput, InternalError, check_choice, first_line
 from ..feeds import Dataset, cast_feeds, check_feeds
 from ..options import data_field, option
@@ -668,7 +668,7 @@ class PruneChannels(OnnxoptPass):
         """The pruned graph must pass the checker and strict shape inference (onnxopt's bug
         otherwise: InternalError); strict inference is only asked of graphs whose input passed it."""
         proto = to_proto(model)
-        if model_size(proto) >= 2**31 - 1:
+        if over_proto_limit(proto):
             return
         try:
             onnx.checker.check_model(proto)
