@@ -39,6 +39,11 @@ __all__ = [
     "external_data",
     "external_locations",
     "EXTERNAL_AUTO_BYTES",
+    "STREAM_BYTES",
+    "weightless",
+    "external_header",
+    "model_ref",
+    "with_weights",
     "on_disk",
     "over_proto_limit",
     "wants_external",
@@ -50,6 +55,12 @@ logger = logging.getLogger(__name__)
 
 _PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
 EXTERNAL_AUTO_BYTES = 1 << 30  # a model this big or bigger is written with its weights in a .data file
+# An in-memory model this big or bigger is never serialized whole: it reaches ONNX Runtime, its
+# tools and onnx.checker as a temp file with external data (streamed tensor by tensor), and is
+# hashed streamed. From bytes, a session of a 410 MB encoder peaked at 3.0x the weights and held
+# 2.2x while alive; from the file (ORT maps the .data file), 0.8x and 0.8x
+# (benchmarks/results/scale.md). The write costs about a second per GB.
+STREAM_BYTES = 256 << 20
 _EXTERNAL_MIN_TENSOR = 1024  # smaller tensors stay inline (onnx's own default threshold)
 GZIP_UP_TO = 256 << 20  # files this big get no gzip size (it would take minutes and a copy)
 _ALIGN = 4096  # each external tensor starts on a page: ONNX Runtime can map it instead of copying
@@ -140,6 +151,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
             str(p), "is not an ONNX model (the bytes do not parse as an ONNX protobuf)",
             "is the file truncated or not a model at all?",
         ) from None
+    del data  # the parsed model holds its own copy: not two of every inline weight from here on
     if not model.HasField("graph") or not model.opset_import:
         raise BadInput(str(p), "is not an ONNX model (no graph or no opset in it)",
                        "is the file truncated or not a model at all?")
@@ -163,18 +175,22 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
             raise BadInput(str(p), f"cannot load its external data ({first_line(e)})") from None
         clear_default_locations(model)
     if check:
-        check_model(model, str(p))
+        check_model(model, str(p), source=p if locations else None)
     return model
 
 
-def check_model(model: onnx.ModelProto, where: str, produced: bool = False) -> None:
+def check_model(model: onnx.ModelProto, where: str, produced: bool = False, source: Path | None = None) -> None:
     """Run ``onnx.checker`` and turn its complaint into a one-line :class:`BadInput` -- or, for a
-    model onnxopt ``produced`` (about to be written), an :class:`InternalError`: onnxopt's bug."""
+    model onnxopt ``produced`` (about to be written), an :class:`InternalError`: onnxopt's bug.
+    ``source``: the file with external data ``model`` was read from, checked instead (its header
+    and its data files' bounds, without a copy of the weights)."""
     try:
-        if not over_proto_limit(model):
+        if source is not None:
+            onnx.checker.check_model(str(source))
+        elif model_size(model) < STREAM_BYTES:
             onnx.checker.check_model(model)
-        else:  # the checker takes a big model only as a file
-            with on_disk(model) as p:
+        else:  # the checker takes a model of 2 GiB or more only as a file; a big one costs a copy in memory
+            with on_disk(model, external=True) as p:
                 onnx.checker.check_model(str(p))
     except Exception as e:
         if produced:
@@ -234,15 +250,51 @@ def clear_default_locations(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def model_size(model: onnx.ModelProto) -> int:
     """Bytes of the model serialized whole, weights included. protobuf's ``ByteSize`` serializes
-    (upb) and fails at 2 GiB; past it this is the sum of the parts' sizes (within bytes of the
-    exact figure: the fields' own tags and lengths are not counted)."""
-    try:
+    (upb: a transient copy of the whole model) and fails at 2 GiB; so the weights are sized one at
+    a time, and a model whose weights come to :data:`STREAM_BYTES` or more is the sum of its parts
+    (within bytes of the exact figure: the fields' own tags and lengths are not counted)."""
+    g = model.graph
+    weights = sum(t.ByteSize() for t in g.initializer)
+    if weights < STREAM_BYTES:
         return model.ByteSize()
-    except Exception:  # upb's EncodeError: the whole is over protobuf's limit
-        g = model.graph
-        return (sum(t.ByteSize() for t in g.initializer) + sum(n.ByteSize() for n in g.node)
-                + sum(v.ByteSize() for v in list(g.input) + list(g.output) + list(g.value_info))
-                + sum(f.ByteSize() for f in model.functions))
+    return (weights + sum(n.ByteSize() for n in g.node)
+            + sum(v.ByteSize() for v in list(g.input) + list(g.output) + list(g.value_info))
+            + sum(f.ByteSize() for f in model.functions))
+
+
+# ---- a model without its weights' bytes ----------------------------------------------------------
+# For work that reads only the graph and the weights' headers (shape inference, the front door's
+# renames), on a big model: a copy of the header instead of a copy of every weight. Written here
+# because protobuf has no copy that leaves fields out.
+
+WEIGHTLESS_FROM = 1024  # initializers this big are shape-only in the copy; small ones (Reshape's shapes) stay
+
+
+def weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """(a copy of ``model`` in which every main-graph initializer of :data:`WEIGHTLESS_FROM`
+    bytes or more is only its name, type and dims, the names of those). The rest is copied."""
+    out = onnx.ModelProto()
+    _copy_fields(model, out, skip={"graph"})
+    g, og = model.graph, out.graph
+    _copy_fields(g, og, skip={"initializer"})
+    stubs = set()
+    for t in g.initializer:
+        if t.HasField("raw_data") and len(t.raw_data) >= WEIGHTLESS_FROM:
+            og.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type)
+            stubs.add(t.name)
+        else:
+            og.initializer.append(t)
+    return out, stubs
+
+
+def with_weights(header: onnx.ModelProto, stubs: set[str], source: onnx.ModelProto) -> onnx.ModelProto:
+    """``header`` (from :func:`weightless`, then changed) with its stub initializers filled in
+    from ``source``'s, by name; returns ``header``."""
+    full = {t.name: t for t in source.graph.initializer if t.name in stubs}
+    for t in header.graph.initializer:
+        if t.name in full:
+            t.CopyFrom(full[t.name])
+    return header
 
 
 def over_proto_limit(model: onnx.ModelProto) -> bool:
@@ -278,6 +330,26 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             locs.add({e.key: e.value for e in t.external_data}.get("location", ""))
     return sorted(locs)
+
+
+def external_header(path: str | os.PathLike, model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The header of the file ``model`` was loaded from (:func:`load_model`) when most of its
+    weights live in external data, else None. With it, a job can drop the weights from memory and
+    let ONNX Runtime run the file, mapping the ``.data`` (see :func:`model_ref`)."""
+    p = Path(path)
+    if p.stat().st_size * 2 > model_size(model):  # the weights are inline: the header would be a copy
+        return None
+    header = onnx.load_model(str(p), load_external_data=False)
+    return header if external_locations(header) else None
+
+
+def model_ref(model) -> tuple[onnx.ModelProto, str | onnx.ModelProto]:
+    """(a proto to read the graph from, what to make a session of) for a model given as a
+    ``ModelProto`` or as the path of a file with external data (its header is read, not its
+    weights: ONNX Runtime maps them from the file)."""
+    if isinstance(model, onnx.ModelProto):
+        return model, model
+    return onnx.load_model(str(model), load_external_data=False), str(model)
 
 
 def confine_external(locations: list[str], path: str | os.PathLike) -> None:
@@ -374,9 +446,10 @@ def wants_external(model: onnx.ModelProto) -> bool:
 
 
 def model_digest(model: onnx.ModelProto) -> str:
-    """sha256 of the model's deterministic serialization; a model of 2 GiB or more (which has
-    none) is hashed as its external-data header plus its weights, streamed."""
-    if not over_proto_limit(model):
+    """sha256 of the model's deterministic serialization; a model of :data:`STREAM_BYTES` or
+    more is hashed as its external-data header plus its weights, streamed (no whole copy; past
+    2 GiB there is no whole serialization at all)."""
+    if model_size(model) < STREAM_BYTES:
         return sha256_bytes(model_bytes(model))
     sink = _Sink()
     header = _split(model, sink, "weights")
@@ -412,12 +485,12 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, *, external: bo
 
 
 @contextlib.contextmanager
-def on_disk(model: onnx.ModelProto, name: str = "model.onnx") -> Iterator[Path]:
-    """``model`` written to a temp folder (external data when big) for a tool that takes a path;
-    the folder is removed afterwards."""
+def on_disk(model: onnx.ModelProto, name: str = "model.onnx", *, external: bool | None = None) -> Iterator[Path]:
+    """``model`` written to a temp folder (external data when big, or with ``external=True``) for
+    a tool that takes a path; the folder is removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
         p = Path(tmp) / name
-        write_model(model, p)
+        write_model(model, p, external=external)
         yield p
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from .errors import BadInput
 from .feeds import Dataset, cast_feeds, check_dataset, fixed_batch
-from .runtime import make_session, run
+from .runtime import make_session, release_memory, run
 
 __all__ = ["agreement", "compare", "cosine_rows", "evaluate", "predict", "predict_all", "Outputs", "top1",
            "top1_agreement"]
@@ -88,17 +88,23 @@ class Outputs:
 
 
 def predict_all(model, dataset: Dataset, batch: int = 64, provider: str = "cpu", threads: int | None = None,
-                where: str = "model", produced: bool = False) -> Outputs:
+                where: str = "model", produced: bool = False, session=None) -> Outputs:
     """All outputs of ``model`` on every batch (or sample) of ``dataset``: what is really
-    returned, whatever shapes the file declares."""
+    returned, whatever shapes the file declares. ``session``: one already made for ``model``."""
     import onnx
 
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    sess = make_session(proto, provider, threads, where, produced=produced)
+    # a path: its header only (inline weights come along; external ones ORT maps from the file)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    src = proto if isinstance(model, onnx.ModelProto) else str(model)
+    sess = session if session is not None else make_session(src, provider, threads, where, produced=produced)
     check_dataset(proto, dataset)
     batch = fixed_batch(proto) or batch  # a file fixed at batch 1 runs one sample at a time
     got = [run(sess, cast_feeds(proto, feeds), where, produced=produced) for feeds, _ in dataset.batches(batch)]
-    return Outputs([o.name for o in sess.get_outputs()], [[np.asarray(a) for a in b] for b in got])
+    names = [o.name for o in sess.get_outputs()]
+    if session is None:
+        del sess
+        release_memory()  # the session's weights, before the caller's next step stacks on them
+    return Outputs(names, [[np.asarray(a) for a in b] for b in got])
 
 
 # Output names that say a vector is a representation, not class scores.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .artifact import io_signature, model_size
+from .artifact import io_signature, weightless
 from .errors import BadInput
 
 __all__ = ["Dataset", "random_feeds", "first_feeds", "load_dataset", "check_feeds", "check_dataset", "gather_vocab_sizes",
@@ -199,10 +199,9 @@ def check_activation_memory(model: onnx.ModelProto, feeds: dict[str, np.ndarray]
     available memory: a graph can expand a small input into a huge one. Tensors whose shape
     inference cannot tell are not counted; a model that inference fails on is left to ORT."""
     avail = available_memory()
-    if not avail or not feeds or model_size(model) > (256 << 20):  # a big model is not copied to infer shapes
+    if not avail or not feeds:
         return
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m, _ = weightless(model)  # shape inference needs the weights' headers, not their bytes
     del m.graph.value_info[:]
     for inp in m.graph.input:
         if inp.name in feeds and inp.type.HasField("tensor_type"):

@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .artifact import check_writable, lineage, save_model
+from .artifact import check_writable, lineage, model_ref, save_model
 from .bench import speed_ratio
 from .errors import BadInput, InternalError, VerificationFailed
 from .evaluate import Outputs, compare, predict_all
 from .feeds import Dataset, check_activation_memory, check_dataset, first_feeds, load_dataset, random_feeds
 from .gates import Gates, gate_data, gate_failed, measure
 from .options import option
-from .runtime import make_session, run
+from .runtime import make_session, release_memory, run
 
 __all__ = ["DataOptions", "calibration_data", "eval_data", "sidecar_dataset", "verify_variant", "judge",
            "write_variant", "job_gates", "rejected_path", "speed_check", "SLOWER_THAN_REFERENCE", "check_output",
@@ -96,17 +96,18 @@ def eval_data(data, proto: onnx.ModelProto, sidecar: dict | None, preprocess: st
 RANDOM_SHAPES = ((1, 32, 64), (4, 17, 96))
 
 
-def _random_cases(ref: onnx.ModelProto, s_ref, s_new, label: str, classification) -> tuple[list[dict], str | None]:
-    """Compare on random inputs at :data:`RANDOM_SHAPES`. Returns (cases, why not): random inputs
-    that the reference itself cannot run (a value that matters, a shape rule the declared dims do
-    not tell) are not a verdict on the variant, only a reason to need real data."""
-    cases, seen = [], set()
+def _random_references(ref: onnx.ModelProto, s_ref) -> tuple[list[tuple[str, dict, Outputs]], str | None]:
+    """The reference's outputs on random inputs at :data:`RANDOM_SHAPES`: ([(shape, feeds,
+    outputs)], why not). Random inputs that the reference itself cannot run (a value that matters,
+    a shape rule the declared dims do not tell) are not a verdict on the variant, only a reason to
+    need real data."""
+    refs, seen = [], set()
     for batch, seq, side in RANDOM_SHAPES:
         try:
             feeds = random_feeds(ref, batch=batch, seq=seq, seed=batch, padded=True, side=side)
         except BadInput as e:
-            if batch == 1 or not cases:
-                return cases, e.problem
+            if batch == 1 or not refs:
+                return refs, e.problem
             feeds = random_feeds(ref, batch=1, seq=seq, seed=batch, padded=True, side=side)
         key = tuple((k, v.shape) for k, v in sorted(feeds.items()))
         if key in seen:
@@ -117,9 +118,17 @@ def _random_cases(ref: onnx.ModelProto, s_ref, s_new, label: str, classification
         try:
             r = Outputs([o.name for o in s_ref.get_outputs()], [run(s_ref, feeds)])
         except BadInput as e:
-            if not cases:
-                return cases, f"the input model itself fails on random inputs ({shape}): {e.problem}"
+            if not refs:
+                return refs, f"the input model itself fails on random inputs ({shape}): {e.problem}"
             continue
+        refs.append((shape, feeds, r))
+    return refs, None
+
+
+def _random_cases(refs: list[tuple[str, dict, Outputs]], s_new, label: str, classification) -> list[dict]:
+    """The variant against the reference's outputs on the random inputs of :func:`_random_references`."""
+    cases = []
+    for shape, feeds, r in refs:
         o = Outputs(r.names, [run(s_new, feeds, f"{label} model", produced=True)])
         m = compare(r, o, classification)
         case = f"random {shape}"
@@ -127,14 +136,14 @@ def _random_cases(ref: onnx.ModelProto, s_ref, s_new, label: str, classification
         if not m["shape_ok"] or not all(np.isfinite(a).all() for a in o.batches[0] if a.dtype.kind == "f"):
             raise VerificationFailed(f"{label} model", f"{case}: output {m.get('bad_output', '')} has the wrong "
                                      "shape or non-finite values")
-    return cases, None
+    return cases
 
 
 def _has_fp16(proto: onnx.ModelProto) -> bool:
     return any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
 
 
-def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | None, provider: str,
+def verify_variant(ref: onnx.ModelProto | str, new: onnx.ModelProto, ds: Dataset | None, provider: str,
                    label: str = "quantized", task: str | None = None, ref_out: Outputs | None = None) -> dict:
     """Compare ``new`` with ``ref``, every output, channel by channel
     (:func:`onnxopt.evaluate.compare`): on random inputs at two shapes (:data:`RANDOM_SHAPES`,
@@ -144,10 +153,23 @@ def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | Non
     (BadInput, with the reason). ``task`` (from the input's sidecar) decides whether top-1
     agreement means anything: not for embeddings; unknown = a guess from the output shape.
     Raises VerificationFailed on wrong shapes or NaN/Inf. ``ref_out``: the reference's outputs
-    on the gate samples when the caller already has them."""
+    on the gate samples when the caller already has them. ``ref`` may be the path of a file with
+    external data (:func:`onnxopt.artifact.model_ref`): its weights are then never in Python's memory."""
     classification = None if task is None else task == "classification"
     res: dict = {"provider": provider, "cases": []}
-    s_ref = make_session(ref, provider)
+    ref, ref_src = model_ref(ref)  # a path: the input file, run by ORT from its external data
+    # One session alive at a time (the reference's outputs first): two side by side held both
+    # models' weights, the larger share of the job's peak memory on a big model.
+    s_ref = make_session(ref_src, provider)
+    refs, why_not = _random_references(ref, s_ref)
+    if why_not is not None and ds is None:
+        raise BadInput("model", f"cannot verify without real inputs: {why_not}",
+                       "pass --data (an .npz of recorded feeds: see onnxopt.record)")
+    ds = gate_data(ds)
+    if ds is not None and ref_out is None:
+        ref_out = predict_all(ref, ds, where="reference", session=s_ref)
+    del s_ref
+    release_memory()
     try:
         s_new = make_session(new, provider, where=f"{label} model", produced=True)
     except InternalError as e:
@@ -156,18 +178,13 @@ def verify_variant(ref: onnx.ModelProto, new: onnx.ModelProto, ds: Dataset | Non
         if provider == "cpu" and _has_fp16(new):
             return {"verified": False, "reason": f"cannot run on the CPU provider here: {e.problem}"}
         raise
-    cases, why_not = _random_cases(ref, s_ref, s_new, label, classification)
-    res["cases"] += cases
+    res["cases"] += _random_cases(refs, s_new, label, classification)
     if why_not is not None:
-        if ds is None:
-            raise BadInput("model", f"cannot verify without real inputs: {why_not}",
-                           "pass --data (an .npz of recorded feeds: see onnxopt.record)")
         res["random_skipped"] = why_not
-    ds = gate_data(ds)
     if ds is not None:
-        if ref_out is None:
-            ref_out = predict_all(ref, ds, where="reference")
-        out = predict_all(new, ds, where=f"{label} model", produced=True)
+        out = predict_all(new, ds, where=f"{label} model", produced=True, session=s_new)
+        del s_new
+        release_memory()
         q = measure(ref_out, new, ds, f"{label} model", classification, out=out)
         c = compare(ref_out, out, classification)
         res["cases"].append({"case": ds.name, "samples": len(ds), **c})
@@ -223,17 +240,18 @@ def write_variant(proto: onnx.ModelProto, output, model_path, step: dict, verifi
     return sidecar
 
 
-def speed_check(reference: onnx.ModelProto, candidate: onnx.ModelProto, eval_ds: Dataset | None, why: str,
+def speed_check(reference: onnx.ModelProto | str, candidate: onnx.ModelProto, eval_ds: Dataset | None, why: str,
                 hint: str) -> tuple[dict, dict]:
     """Time ``candidate`` against ``reference`` side by side (:func:`onnxopt.bench.speed_ratio`,
     interleaved, spinning off) on the first data sample, else on random inputs at batch 1. Returns
     the sidecar's ``speed_check`` record (``why`` it was timed) and the ``speed`` check that
     :func:`write_variant` judges with the gates: below :data:`SLOWER_THAN_REFERENCE` it is refused
     with the figures and ``hint``."""
-    feeds = first_feeds(reference, eval_ds)
+    header, reference = model_ref(reference)
+    feeds = first_feeds(header, eval_ds)
     inputs = "the first data sample" if feeds is not None else "random inputs at batch 1"
     speed = speed_ratio(reference, candidate,
-                        feeds if feeds is not None else random_feeds(reference, batch=1, seq=128, seed=0))
+                        feeds if feeds is not None else random_feeds(header, batch=1, seq=128, seed=0))
     speed.update(passed=speed["speedup"] >= SLOWER_THAN_REFERENCE, why=why, inputs=inputs)
     check = {"gate": "speed", "value": round(speed["speedup"], 3), "limit": SLOWER_THAN_REFERENCE,
              "passed": speed["passed"], "hint": hint,
@@ -261,8 +279,10 @@ def check_output(output, model_path) -> Path:
 def check_runs(proto: onnx.ModelProto, model_path) -> None:
     """Refuse, before any work, an input ONNX Runtime cannot load (an op from a domain it does
     not know, a kernel it lacks): one line naming the file, in ORT's words without its source
-    paths, instead of a traceback from deep inside a quantizer's calibration."""
-    make_session(proto, where=str(model_path))
+    paths, instead of a traceback from deep inside a quantizer's calibration. The session is
+    made from the file (``proto`` was read from it): ORT maps external data instead of copying it."""
+    make_session(str(model_path), where=str(model_path))
+    release_memory()
 
 
 def rejected_path(output) -> Path:

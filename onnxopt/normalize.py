@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .artifact import weightless, with_weights
 from .errors import first_line
 from .passes._ranges import subgraphs
 
@@ -105,13 +106,16 @@ def _name_nodes(proto: onnx.ModelProto) -> int:
 
 def _run(proto: onnx.ModelProto, feeds: dict) -> list[np.ndarray] | None:
     from .feeds import cast_feeds
-    from .runtime import make_session
+    from .runtime import make_session, release_memory
 
     try:
         sess = make_session(proto)
-        return sess.run(None, cast_feeds(proto, feeds))
+        outs = sess.run(None, cast_feeds(proto, feeds))
     except Exception:  # the sample does not run: nothing to learn from it here
         return None
+    del sess
+    release_memory()
+    return outs
 
 
 def _fix_output_shapes(proto: onnx.ModelProto, outs: list[np.ndarray]) -> list[str]:
@@ -173,8 +177,10 @@ def normalize(proto: onnx.ModelProto, *, min_opset: int | None = None, sample: d
     when nothing did). ``sample``: one feed dict to check conversions and output shapes on.
     Raises :class:`OpsetUnavailable` when ``min_opset`` cannot be reached exactly."""
     did: list[str] = []
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    # The renames and the shape fixes work on a copy without the weights' bytes; the weights are
+    # copied in only when something changed. A model already in normal form (every file onnxopt
+    # writes) comes back as the same object: no second copy of a big model's weights.
+    out, stubs = weightless(proto)
     n = _open_dims(out)
     if n:
         did.append(f"{n} dim(s) stored as -1/0 named")
@@ -184,13 +190,16 @@ def normalize(proto: onnx.ModelProto, *, min_opset: int | None = None, sample: d
     out, lifted = _lift_constants(out)
     if lifted:
         did.append(f"{lifted} Constant weight(s) made initializers")
-    ref_outs = _run(out, sample) if sample is not None else None
+    full = with_weights(out, stubs, proto) if did else proto
+    ref_outs = _run(full, sample) if sample is not None else None
     if ref_outs is not None:
         wrong = _fix_output_shapes(out, ref_outs)
         if wrong:
             did.append("declared output shape(s) cleared: " + "; ".join(wrong))
     have = main_opset(out)
     if min_opset and have < min_opset:
-        out = _convert(out, min_opset, sample, ref_outs)
+        out = _convert(with_weights(out, stubs, proto), min_opset, sample, ref_outs)
         did.append(f"opset {have} -> {min_opset} (checked on a sample)")
-    return out, {"step": "normalize", "did": did, "opset": main_opset(out)}
+    if not did:
+        return proto, {"step": "normalize", "did": did, "opset": have}
+    return with_weights(out, stubs, proto), {"step": "normalize", "did": did, "opset": main_opset(out)}

@@ -15,6 +15,7 @@ quantizer's in :class:`onnxopt.passes.QuantizeStatic`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from ._version import __version__
-from .artifact import load_model, read_sidecar
+from .artifact import external_header, load_model, read_sidecar
 from .errors import BadInput, first_line
 from .evaluate import predict_all
 from .feeds import Dataset
@@ -36,7 +37,7 @@ from .passes._common import looks_like_transformer, op_counts, refuse_quantized
 from .passes._ort import weight_bytes
 from .passes.quantize import TARGETS
 from .runner import Step, calibration_feeds, run_steps
-from .runtime import available_providers
+from .runtime import available_providers, release_memory
 
 __all__ = ["quantize", "QuantizeSettings", "MODES", "quantize_steps"]
 
@@ -228,12 +229,15 @@ def _merit(q: dict, checks: list[dict]) -> float:
 
 def _maybe_fallback(base, qproto, plan, feeds, eval_ds, ref_out, gates, job, excluded):
     """Run the fallback when the gate fails on the first try; (model, its records or None, report).
-    ``ref_out``: the reference's outputs on the gate samples."""
+    ``ref_out``: the reference's outputs on the gate samples; ``base``: the quantizer's input, or
+    a function that reads it again."""
     ds = gate_data(eval_ds)
     first = measure(ref_out, qproto, ds, "quantized model")
     first_checks = gates.check_quality(first)
     if all(c["passed"] for c in first_checks):
         return qproto, None, None
+    if callable(base):  # the quantizer's input, dropped from memory until needed (a big model)
+        base = base()
     n_quant = len(_candidates(base, qproto))
     cap = job.max_float_nodes if job.max_float_nodes is not None else max(min(n_quant, 8), n_quant // 4)
     fb_model, fb_recs, report = _fallback(base, qproto, plan, feeds, ds, ref_out, gates, excluded, cap)
@@ -324,14 +328,26 @@ def quantize(model_path: str | Path, output: str | Path, **options) -> dict:
     if excluded:
         _check_excluded(base, excluded)
     qproto, qrecs = run_steps(base, [plan.quant(excluded)], calibration=feeds, where=None)
+    ref = proto
+    if external_header(model_path, proto) is not None:
+        # The input's weights are in its .data file: from here the reference is the file (ORT maps
+        # its weights; Python's copy goes), and a model the quantizer got unchanged is read again
+        # only if the fallback needs it. Then the result is never held beside two copies of the input.
+        ref = str(model_path)
+        if base is proto:
+            base = functools.partial(load_model, model_path)
+        del proto, model
+        release_memory()
     provider = "cuda" if plan.chosen == "fp16" and "cuda" in available_providers() else "cpu"
     fb_report, ref_out = None, None
     if (_data_gated(gates) and eval_ds is not None and job.fallback and plan.chosen in ("static", "dynamic")
             and provider == "cpu"):
-        ref_out = predict_all(proto, gate_data(eval_ds), where="reference")  # read again by the verification
+        ref_out = predict_all(ref, gate_data(eval_ds), where="reference")  # read again by the verification
         qproto, fb_recs, fb_report = _maybe_fallback(base, qproto, plan, feeds, eval_ds, ref_out, gates, job, excluded)
         qrecs = fb_recs or qrecs
-    return _write(model_path, output, proto, qproto, records + qrecs, plan, job, eval_ds, gates, provider,
+    del base
+    release_memory()
+    return _write(model_path, output, ref, qproto, records + qrecs, plan, job, eval_ds, gates, provider,
                   fb_report, prev, ref_out)
 
 

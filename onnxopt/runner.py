@@ -33,6 +33,7 @@ from .artifact import clear_default_locations, model_digest, model_size, write_j
 from .errors import BadInput
 from .feeds import Dataset, array_digest
 from .options import build, data_fields
+from .runtime import release_memory
 
 __all__ = ["Step", "make_pass", "run_steps", "calibration_feeds", "needs_calibration", "registry",
            "CALIBRATION_BATCH"]
@@ -153,6 +154,7 @@ def run_steps(model: onnx.ModelProto, steps, *, calibration: list[dict] | None =
             rec.update(cached=True, stats=json.loads(stats_file.read_text()) if stats_file.exists() else {})
         else:
             current, stats = _run_one(p, current)
+            release_memory()  # what the pass freed, before the next step or the verification
             rec.update(cached=False, stats=stats)
             if hit is not None:
                 write_model(current, hit)

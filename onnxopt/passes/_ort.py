@@ -8,6 +8,7 @@ deserializes the result. No other module converts between the two representation
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections.abc import Callable
@@ -17,10 +18,10 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from ..artifact import EXTERNAL_AUTO_BYTES, clear_default_locations, external_forced
+from ..artifact import STREAM_BYTES, clear_default_locations, external_forced, weightless
 from ..errors import BadInput
 
-__all__ = ["via_ort", "to_proto", "weight_bytes", "external"]
+__all__ = ["via_ort", "to_proto", "weight_bytes", "external", "shapes_in_place", "one_weight_copy", "lazy_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def via_ort(model: ir.Model, tool: Callable[[Path, Path, Path], Any], *, where: 
     with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
         work = Path(tmp)
         src, dst = work / "input.onnx", work / "output.onnx"
-        if external_forced() or weight_bytes(model) >= EXTERNAL_AUTO_BYTES:
+        if external_forced() or weight_bytes(model) >= STREAM_BYTES:
             # streamed tensor by tensor into input.onnx.data, without a whole-model proto copy; the
             # tool then writes its output with external data too (--external-data: the big-model path)
             ir.save(model, str(src), external_data=src.name + ".data")
@@ -70,3 +71,61 @@ def via_ort(model: ir.Model, tool: Callable[[Path, Path, Path], Any], *, where: 
             # the subgraphs' outer-scope reads.
             new.graph.sort()
         return new, extra
+
+
+# ---- ONNX Runtime's quantizer without a second copy of the weights ------------------------------
+# ``ONNXQuantizer.__init__`` (dynamic INT8, static QOperator) refreshes the model's shapes with
+# ``save_and_reload_model_with_shape_infer``: a ``deepcopy`` of the whole model, saved, re-inferred
+# and loaded again, while ``quantize_dynamic`` still holds the model it loaded. That is three
+# copies of every weight at once: on a 410 MB encoder the tool peaked at 3.4x the weights
+# (benchmarks/results/scale.md). Shape inference only needs the graph and the initializers'
+# headers, so :func:`shapes_in_place` infers the shapes on a copy without the big weights' bytes
+# and writes them into the model it was given, which the quantizer then uses (it drops the
+# original anyway). The output is the same byte for byte (tests/test_external_data.py). No
+# library offers this: ORT's own helpers all go through a full copy.
+
+def shapes_in_place(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What ``save_and_reload_model_with_shape_infer`` returns (the model with inferred
+    ``value_info`` and ORT's infer marker), computed without copying the weights: ``model``
+    itself is updated and returned."""
+    from onnxruntime.quantization.quant_utils import add_infer_metadata
+
+    inferred = onnx.shape_inference.infer_shapes(weightless(model)[0])
+    for field in ("input", "output", "value_info"):  # inference refines declared shapes too
+        del getattr(model.graph, field)[:]
+        getattr(model.graph, field).extend(getattr(inferred.graph, field))
+    add_infer_metadata(model)
+    return model
+
+
+@contextlib.contextmanager
+def one_weight_copy():
+    """Run ORT's INT8 quantizers with :func:`shapes_in_place` in place of their reload (in
+    ``ONNXQuantizer.__init__``, and in ``quantize_dynamic`` when it is given a ``ModelProto``)."""
+    import importlib
+
+    onnx_quantizer = importlib.import_module("onnxruntime.quantization.onnx_quantizer")
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the package's name is a function
+    saved = [(m, m.save_and_reload_model_with_shape_infer) for m in (onnx_quantizer, ort_quantize)]
+    for m, _ in saved:
+        m.save_and_reload_model_with_shape_infer = shapes_in_place
+    try:
+        yield
+    finally:
+        for m, f in saved:
+            m.save_and_reload_model_with_shape_infer = f
+
+
+@contextlib.contextmanager
+def lazy_input(src: Path):
+    """The tool's input ``src`` (a file with external data) as a ``ModelProto`` whose weights are
+    not loaded: ORT's quantizers read a weight with ``onnx.numpy_helper.to_array``, which loads an
+    external tensor on its own, relative to the working directory, set to ``src``'s folder while
+    inside. So a quantizer holds the weight it is quantizing and its results, never the whole
+    model; the weights it does not touch stay references into ``src``'s ``.data`` file, which an
+    output written in the same folder reads back (:func:`via_ort` loads it there). Measured on a
+    410 MB encoder: dynamic INT8's tool peak went from 3.1x to 0.x the weights
+    (benchmarks/results/scale.md); the output is the same byte for byte (tests/test_external_data.py)."""
+    proto = onnx.load_model(str(src), load_external_data=False)
+    with contextlib.chdir(src.parent), one_weight_copy():
+        yield proto

@@ -39,7 +39,7 @@ from ..feeds import cast_feeds, check_feeds
 from ..options import data_field, option
 from ._common import OnnxoptPass, PassResult, looks_like_transformer, op_counts, quantized_ops, refuse_quantized
 from ..artifact import write_model
-from ._ort import external, to_proto, via_ort
+from ._ort import external, lazy_input, one_weight_copy, to_proto, via_ort
 
 __all__ = [
     "QuantPreprocess", "QuantizeStatic", "QuantizeDynamic", "QuantizeInt4", "INT4_METHODS", "ConvertFP16",
@@ -437,15 +437,17 @@ class QuantizeDynamic(_PerChannelOpset, OnnxoptPass):
     def _quantize(self, src: Path, dst: Path, work: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with _quiet_ort_quantizer():
-            quantize_dynamic(
-                str(src), str(dst), per_channel=self.per_channel, reduce_range=self.reduce_range,
-                weight_type=QuantType.QInt8 if self.weight_type == "int8" else QuantType.QUInt8,
-                op_types_to_quantize=list(self.op_types),
-                nodes_to_exclude=list(self.nodes_to_exclude) or None,
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-                use_external_data_format=external(src),
-            )
+        big = external(src)
+        with _quiet_ort_quantizer(), (lazy_input(src) if big else contextlib.nullcontext(str(src))) as model_input:
+            with one_weight_copy():
+                quantize_dynamic(
+                    model_input, str(dst), per_channel=self.per_channel, reduce_range=self.reduce_range,
+                    weight_type=QuantType.QInt8 if self.weight_type == "int8" else QuantType.QUInt8,
+                    op_types_to_quantize=list(self.op_types),
+                    nodes_to_exclude=list(self.nodes_to_exclude) or None,
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+                    use_external_data_format=big,
+                )
 
 
 INT4_METHODS = ("rtn", "hqq", "gptq")
@@ -535,9 +537,15 @@ class QuantizeInt4(OnnxoptPass):
                                                 accuracy_level=self.accuracy_level or None, op_types_to_quantize=ops)
 
     def _quantize(self, src: Path, dst: Path, work: Path) -> None:
+        # GPTQ runs the model in sessions of its own, from copies in other folders: it needs the
+        # weights loaded; RTN and HQQ read one weight at a time (lazy_input)
+        lazy = external(src) and self.int4_method != "gptq"
+        with (lazy_input(src) if lazy else contextlib.nullcontext(onnx.load(str(src)))) as proto:
+            self._quantize_proto(proto, dst, lazy or external(src), lazy)
+
+    def _quantize_proto(self, proto: onnx.ModelProto, dst: Path, big: bool, lazy: bool) -> None:
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        proto = onnx.load(str(src))
         if self.int4_embedding and proto.ir_version < 10:
             proto.ir_version = 10  # int4 tensors need IR 10 (ORT's quantizer would warn and do the same)
         q = MatMulNBitsQuantizer(proto, block_size=int(self.block_size), is_symmetric=self.symmetric,
@@ -556,7 +564,10 @@ class QuantizeInt4(OnnxoptPass):
             if n.op_type == "MatMulNBits" and self.accuracy_level and not any(
                     a.name == "accuracy_level" for a in n.attribute):
                 n.attribute.append(onnx.helper.make_attribute("accuracy_level", self.accuracy_level))
-        write_model(out, dst)
+        if lazy:  # the weights it did not touch stay references into the input's .data, in dst's folder
+            onnx.save_model(out, str(dst), save_as_external_data=True, location=dst.name + ".data")
+        else:
+            write_model(out, dst, external=big)
 
 
 class _Rewinding:
@@ -612,7 +623,7 @@ class ConvertFP16(OnnxoptPass):
                 proto, keep_io_types=self.keep_io_types,
                 op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(self.op_block_list)),
                 node_block_list=list(self.node_block_list) or None)
-        write_model(out, dst)
+        write_model(out, dst, external=external(src))
 
 
 def choose_mode(model: ir.Model, target: str = "cpu") -> tuple[str, str]:
