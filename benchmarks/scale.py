@@ -1,5 +1,5 @@
 """A model over 2 GiB end to end: export -> quantize (dynamic INT8, INT4) -> bench -> pack ->
-verify-bundle, each step a fresh `onnxopt` process whose wall time and peak RSS are recorded.
+verify-bundle, and prune, each step a fresh `onnxopt` process whose wall time and peak RSS are recorded.
 
 Run from the repository root:
     .venv/bin/python benchmarks/scale.py                       # big-encoder (XLM-R large, 2.2 GB)
@@ -109,6 +109,8 @@ def main() -> None:
         step("quantize-int8", ["quantize", "fp32/model.onnx", "-o", "int8/model.onnx", *loose, *ext], log, work)
         step("quantize-int4", ["quantize", "fp32/model.onnx", "--mode", "int4", "-o", "int4/model.onnx", *loose,
                                *ext], log, work)
+        step("prune", ["prune", "fp32/model.onnx", "-o", "pruned/model.onnx", "--amount", "0.5", "--data",
+                       "sentences", *loose, *ext], log, work)
         (work / "copy").mkdir(exist_ok=True)
         for f in (work / "fp32").iterdir():
             if f.name.startswith("model.onnx"):
@@ -144,11 +146,12 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    lines = [f"# Scale: {r['model']} end to end", "", f"Made by `{r['made_by']}` (one run).", "",
-             "| step | exit | wall s | peak RSS MB | command |", "|---|---|---|---|---|"]
-    for s in r["steps"]:
-        lines.append(f"| {s['step']} | {s['exit']} | {s['seconds']} | {s['peak_rss_mb']} | `{s['command']}` |")
     fp32_mb = next((v["mb"] for v in r["variants"] if v["variant"] == "fp32"), None)
+    lines = [f"# Scale: {r['model']} end to end", "", f"Made by `{r['made_by']}` (one run).", "",
+             "| step | exit | wall s | peak RSS MB | peak vs fp32 weights | command |", "|---|---|---|---|---|---|"]
+    for s in r["steps"]:
+        ratio = f"{s['peak_rss_mb'] / fp32_mb:.2f}x" if fp32_mb else "-"
+        lines.append(f"| {s['step']} | {s['exit']} | {s['seconds']} | {s['peak_rss_mb']} | {ratio} | `{s['command']}` |")
     lines += ["", "| variant | MB | size vs fp32 | b1 vs fp32 | b8 vs fp32 | mean cos | min cos |",
               "|---|---|---|---|---|---|---|"]
     for v in r["variants"]:

@@ -422,7 +422,7 @@ def simplify(model, output, as_json, **settings):
 @_output_option("pruned")
 @click_options(PruneSettings, ["method"])
 @click_options(PruneChannels, ["amount", "importance"])
-@click_options(PruneSettings, ["reconstruct"])
+@click_options(PruneSettings, ["reconstruct", "speed_check"])
 @click_options(PruneChannels, ["round_to", "skip"])
 @click_options(PruneMasks, ["threshold", "scope"])
 @click.option("--nm", "nm", default="2:4", show_default=True, help="nm: keep N of every M weights (N:M).")

@@ -23,7 +23,8 @@ import onnx
 import onnx_ir as ir
 
 from ._version import __version__
-from .artifact import GZIP_UP_TO, load_model, model_bytes, model_size, read_sidecar
+from .artifact import GZIP_UP_TO, external_header, load_model, model_bytes, model_size, read_sidecar
+from .runtime import release_memory
 from .errors import BadInput
 from .gates import Gates
 from .jobs import (DataOptions, calibration_data, check_output, check_runs, eval_data, job_gates, speed_check,
@@ -186,12 +187,19 @@ def _prune_onnx(model_path, output, job: PruneSettings, data: DataOptions, gates
     if calib_name:
         record["calibration_data"] = calib_name
     record["onnxopt"] = __version__
-    verification = verify_variant(proto, out_proto, eval_ds, "cpu", label="pruned", task=(prev or {}).get("task"))
     summary = _summary(job.method, step.settings, record["stats"], proto, out_proto, calib_name)
+    ref = proto
+    if external_header(model_path, proto) is not None:
+        # the input's weights are in its .data file: the checks below run the file (ORT maps the
+        # weights) and this copy goes (see onnxopt.quantize)
+        ref = str(model_path)
+        del proto
+        release_memory()
+    verification = verify_variant(ref, out_proto, eval_ds, "cpu", label="pruned", task=(prev or {}).get("task"))
     extra, checks = {"prune": summary}, []
     if job.speed_check or (job.speed_check is None and job.method == "channel"):
         extra["speed_check"], check = speed_check(
-            proto, out_proto, eval_ds, "--speed-check" if job.speed_check else "channel pruning is for speed",
+            ref, out_proto, eval_ds, "--speed-check" if job.speed_check else "channel pruning is for speed",
             "the kept channel counts do not suit the kernels: try --round-to 16, another --amount, or "
             "--no-speed-check to write it anyway")
         checks.append(check)

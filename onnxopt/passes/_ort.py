@@ -21,7 +21,8 @@ import onnx_ir as ir
 from ..artifact import STREAM_BYTES, clear_default_locations, external_forced, weightless
 from ..errors import BadInput
 
-__all__ = ["via_ort", "to_proto", "weight_bytes", "external", "shapes_in_place", "one_weight_copy", "lazy_input"]
+__all__ = ["via_ort", "to_proto", "weight_bytes", "external", "shapes_in_place", "one_weight_copy", "lazy_input",
+           "header_on_disk"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,18 @@ logger = logging.getLogger(__name__)
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """Serialize for read-only uses (running a session, checking inputs); never mutate-and-return."""
     return ir.serde.serialize_model(model)
+
+
+@contextlib.contextmanager
+def header_on_disk(model: ir.Model):
+    """``(header, folder)``: ``model`` saved to a temp ``folder`` as ``model.onnx`` with its weights
+    streamed to ``model.onnx.data``, and the saved header (weights not loaded) to edit and save
+    beside it (a file there reads the same weights) for ORT, the checker or shape inference: a
+    big model is then never serialized whole in memory. The folder goes afterwards."""
+    with tempfile.TemporaryDirectory(prefix="onnxopt.") as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(model, str(path), external_data=path.name + ".data")
+        yield onnx.load_model(str(path), load_external_data=False), Path(tmp)
 
 
 def weight_bytes(model: ir.Model) -> int:

@@ -30,7 +30,8 @@ import onnx
 import onnx_ir as ir
 
 from ..runtime import make_session
-from ._ort import to_proto
+from ..artifact import STREAM_BYTES
+from ._ort import header_on_disk, to_proto, weight_bytes
 from ._prune_graph import ConstWriter, const_array
 
 __all__ = ["Capture", "FitTarget", "reconstruct", "conv_rows", "batch_size"]
@@ -82,19 +83,28 @@ class Capture:
     only the part of the graph they depend on is kept, so early layers are cheap to capture."""
 
     def __init__(self, model: ir.Model, names: Sequence[str], where: str = "model"):
-        proto = to_proto(model)
         types = {}
         for v in ir.traversal.RecursiveGraphIterator(model.graph):
             for o in v.outputs:
                 if o.name and o.dtype is not None:
                     types[o.name] = int(o.dtype)
         self.names = list(dict.fromkeys(names))
-        del proto.graph.output[:]
-        for n in self.names:
-            elem = types.get(n, onnx.TensorProto.FLOAT)
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(n, elem, None))
-        _truncate(proto.graph, self.names)
-        self.session = make_session(proto, "cpu", where=where)
+
+        def capturing(proto: onnx.ModelProto) -> onnx.ModelProto:
+            del proto.graph.output[:]
+            for n in self.names:
+                elem = types.get(n, onnx.TensorProto.FLOAT)
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(n, elem, None))
+            _truncate(proto.graph, self.names)
+            return proto
+
+        if weight_bytes(model) < STREAM_BYTES:
+            self.session = make_session(capturing(to_proto(model)), "cpu", where=where)
+            return
+        # a big model: its weights streamed to a temp file, ORT maps the ones the capture reads
+        with header_on_disk(model) as (header, folder):
+            onnx.save_model(capturing(header), str(folder / "capture.onnx"))
+            self.session = make_session(str(folder / "capture.onnx"), "cpu", where=where)
 
     def __call__(self, feeds: Mapping[str, np.ndarray], names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         names = list(names) if names is not None else self.names

@@ -40,12 +40,12 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common  # noqa: F401  (TopologicalSortPass, ShapeInferencePass)
 
-from ..artifact import over_proto_limit
+from ..artifact import STREAM_BYTES
 from ..errors import BadInput, InternalError, check_choice, first_line
 from ..feeds import Dataset, cast_feeds, check_feeds
 from ..options import data_field, option
 from ._common import OnnxoptPass, PassResult, op_counts
-from ._ort import to_proto
+from ._ort import header_on_disk, to_proto, weight_bytes
 from ._prune_fit import Capture, FitTarget, batch_size, reconstruct
 from ._prune_graph import PRUNABLE_OPS, Analysis, ConstWriter, const_source, analyze, apply, const_array, dims
 
@@ -667,11 +667,18 @@ class PruneChannels(OnnxoptPass):
     def _check(self, model: ir.Model, original: ir.Model | None) -> None:
         """The pruned graph must pass the checker and strict shape inference (onnxopt's bug
         otherwise: InternalError); strict inference is only asked of graphs whose input passed it."""
-        proto = to_proto(model)
-        if over_proto_limit(proto):
-            return
+        def header(m: ir.Model) -> onnx.ModelProto:
+            # shape inference reads the weights' headers only: a big model is not serialized whole
+            if weight_bytes(m) < STREAM_BYTES:
+                return to_proto(m)
+            with header_on_disk(m) as (h, folder):
+                onnx.checker.check_model(str(folder / "model.onnx"))  # the header and the data's bounds
+                return h
+
         try:
-            onnx.checker.check_model(proto)
+            proto = header(model)
+            if weight_bytes(model) < STREAM_BYTES:
+                onnx.checker.check_model(proto)
         except Exception as e:  # onnx raises several kinds
             raise InternalError("channel pruning", f"the pruned graph is invalid: {first_line(e)}") from e
         try:
@@ -679,7 +686,7 @@ class PruneChannels(OnnxoptPass):
         except Exception as e:
             try:
                 if original is not None:
-                    onnx.shape_inference.infer_shapes(to_proto(original), check_type=True, strict_mode=True)
+                    onnx.shape_inference.infer_shapes(header(original), check_type=True, strict_mode=True)
             except Exception:
                 return  # the input already fails strict inference (e.g. custom ops): nothing to compare
             raise InternalError("channel pruning", f"the pruned graph fails shape inference: "
