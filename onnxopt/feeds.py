@@ -20,7 +20,7 @@ from .artifact import io_signature, weightless
 from .errors import BadInput
 
 __all__ = ["Dataset", "random_feeds", "first_feeds", "load_dataset", "check_feeds", "check_dataset", "gather_vocab_sizes",
-           "array_digest", "save_samples", "SAMPLE_KEY"]
+           "array_digest", "save_samples", "SAMPLE_KEY", "all_finite", "release_pages"]
 
 @dataclass
 class Dataset:
@@ -66,6 +66,9 @@ class Dataset:
         for i in range(0, n, batch):
             yield ({k: v[i: i + batch] if np.ndim(v) else v for k, v in self.inputs.items()},
                    None if self.labels is None else self.labels[i: i + batch])
+            for v in self.inputs.values():  # data on disk: the pages of the batch just used go back
+                if isinstance(v, np.memmap):
+                    release_pages(v, i, i + batch)
 
     def feed_names(self) -> set[str]:
         return set(self.samples[0]) if self.samples else set(self.inputs)
@@ -93,7 +96,13 @@ def array_digest(arrays: dict[str, np.ndarray]) -> str:
     for k in sorted(arrays):
         a = np.ascontiguousarray(arrays[k])
         h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
-        h.update(a.tobytes())
+        if a.ndim and a.nbytes > (16 << 20):  # big data (on disk, maybe) hashed a slice at a time
+            step = max(1, (16 << 20) // max(1, a[0].nbytes))
+            for i in range(0, len(a), step):
+                h.update(memoryview(a[i:i + step]).cast("B"))
+                release_pages(a, i, i + step)
+        else:
+            h.update(a.tobytes())
     return h.hexdigest()
 
 
@@ -326,8 +335,48 @@ def check_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], where: str
                 raise BadInput(where, f"input '{name}' expects shape {_fmt(shape)}, got {_fmt(arr.shape)}")
         if spec["dtype"] and np.dtype(spec["dtype"]).kind != arr.dtype.kind:
             raise BadInput(where, f"input '{name}' expects {spec['dtype']}, got {arr.dtype}")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and not all_finite(arr):
             raise BadInput(where, f"input '{name}' contains NaN or infinite values")
+
+
+def all_finite(arr: np.ndarray, chunk_bytes: int = 16 << 20) -> bool:
+    """``np.isfinite(arr).all()`` in slices along axis 0 of about ``chunk_bytes``: no mask the size
+    of the data, and a dataset on disk (:func:`onnxopt.data.images.load_image_folder`) is read a
+    slice at a time (its pages given back after each)."""
+    if arr.ndim == 0 or arr.nbytes <= chunk_bytes:
+        return bool(np.isfinite(arr).all())
+    step = max(1, chunk_bytes // max(1, arr[0].nbytes))
+    for i in range(0, len(arr), step):
+        if not np.isfinite(arr[i:i + step]).all():
+            return False
+        release_pages(arr, i, i + step)
+    return True
+
+
+def release_pages(arr: np.ndarray, start: int, stop: int) -> None:
+    """Give back the memory pages of ``arr[start:stop]`` when ``arr`` is a read-only view of a
+    file on disk (``np.memmap``): they are read again from the file if touched. Streaming a
+    dataset bigger than memory through a job then never holds more than a batch of it."""
+    import mmap
+
+    root = arr
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if (not isinstance(root.base, mmap.mmap) or not isinstance(root, np.memmap) or not arr.flags.c_contiguous
+            or arr.ndim == 0 or not len(arr)):
+        return
+    row = arr[0].nbytes
+    # np.memmap maps from the allocation granule below its offset: element 0 sits that far in
+    origin = (arr.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+              + root.offset % mmap.ALLOCATIONGRANULARITY)
+    lo, hi = origin + start * row, origin + min(stop, len(arr)) * row
+    page = mmap.PAGESIZE
+    lo, hi = -(-lo // page) * page, hi // page * page  # whole pages inside the range only
+    if hi > lo:
+        try:
+            root.base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError, AttributeError):  # not Linux, or a mapping that refuses it
+            pass
 
 
 def check_dataset(model: onnx.ModelProto, ds: Dataset, where: str | None = None) -> None:
@@ -347,7 +396,7 @@ def _fmt(shape) -> str:
 def cast_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Cast arrays to the exact dtypes of the model inputs (e.g. float64 data -> float32)."""
     sig = {i["name"]: i for i in io_signature(model)["inputs"]}
-    return {k: (v.astype(sig[k]["dtype"]) if k in sig and sig[k]["dtype"] else v)
+    return {k: (v.astype(sig[k]["dtype"], copy=False) if k in sig and sig[k]["dtype"] else v)
             for k, v in feeds.items() if k in sig}
 
 

@@ -144,9 +144,15 @@ class CalibrationFeeds:
         total = sum(len(next(iter(f.values()))) for f in checked)
         if total == 0:
             raise BadInput(where, "is empty (every batch has 0 samples)", "give at least one calibration sample")
-        self.arrays = {k: np.concatenate([f[k] for f in checked]) for k in inputs}
         step = fixed or 1
         n = total if samples is None else min(total, int(samples))
+        used, have = [], 0  # only the feeds the first n samples come from are copied together
+        for f in checked:
+            if have >= n:
+                break
+            used.append(f)
+            have += len(next(iter(f.values())))
+        self.arrays = {k: np.concatenate([f[k] for f in used])[:n] for k in inputs}
         n -= n % step
         if n == 0:
             raise BadInput(where, f"has {total} samples, fewer than the model's fixed batch of {step}")
