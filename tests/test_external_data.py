@@ -174,3 +174,135 @@ def test_minilm_forced_to_external_data_end_to_end(tmp_path):
     res = run_cli("verify-bundle", tmp_path / "unpacked")
     assert res.returncode == 3 and "model.onnx.data: changed" in res.stderr
     shutil.rmtree(tmp_path / "unpacked")
+
+
+# ---- bounded memory: ORT's quantizers on a lazy input -------------------------------------------
+
+def _mlp_with_an_untouched_big_bias(opset: int = 17) -> onnx.ModelProto:
+    """x [N, 300] -> MatMul -> Add(bias of 1.2 KB: external, never quantized) -> Relu -> MatMul,
+    with a node whose name ORT's shape inference must keep, and an output declared [N, ?]."""
+    rng = np.random.default_rng(1)
+    w1 = numpy_helper.from_array(rng.standard_normal((300, 300)).astype(np.float32) * 0.05, "w1")
+    b1 = numpy_helper.from_array(rng.standard_normal(300).astype(np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((300, 16)).astype(np.float32) * 0.05, "w2")
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"], name="mm1"), helper.make_node("Add", ["m", "b1"], ["a"], name="add"),
+             helper.make_node("Relu", ["a"], ["h"], name="relu"), helper.make_node("MatMul", ["h", "w2"], ["y"], name="mm2")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 300])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "d"])], [w1, b1, w2])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("step", ["quantize-dynamic", "quantize-int4"])
+def test_ort_quantizers_on_a_lazy_input_write_the_same_model(step, monkeypatch):
+    """The big-model path (weights streamed to a temp .data, read by the quantizer one at a time,
+    shapes inferred in place instead of ORT's deep copy and reload) gives the same model, byte for
+    byte, as ORT's own path on a model loaded whole; the bias it does not quantize comes back from
+    the input's .data file."""
+    from onnxopt.passes import _ort
+    from onnxopt.runner import run_steps
+
+    proto = _mlp_with_an_untouched_big_bias()
+    eager, _ = run_steps(proto, [step])
+    calls = []
+    real = _ort.lazy_input
+
+    def counting(src):
+        calls.append(src)
+        return real(src)
+
+    monkeypatch.setattr(_ort, "lazy_input", counting)
+    from onnxopt.passes import quantize as qmod
+
+    monkeypatch.setattr(qmod, "lazy_input", counting)
+    with artifact.external_data():
+        lazy, _ = run_steps(proto, [step])
+    assert calls, "the lazy path was not taken"
+    assert model_digest(lazy) == model_digest(eager)
+    assert any(t.name == "b1" and len(t.raw_data) == 1200 for t in lazy.graph.initializer)
+    x = np.random.default_rng(0).standard_normal((3, 300)).astype(np.float32)
+    np.testing.assert_array_equal(make_session(lazy).run(None, {"x": x})[0], make_session(eager).run(None, {"x": x})[0])
+
+
+def test_shapes_in_place_matches_ort_reload_without_copying_the_weights():
+    from onnxruntime.quantization.quant_utils import save_and_reload_model_with_shape_infer
+
+    from onnxopt.passes._ort import shapes_in_place
+
+    proto = _mlp_with_an_untouched_big_bias()
+    ref = save_and_reload_model_with_shape_infer(proto)
+    mine = onnx.ModelProto()
+    mine.CopyFrom(proto)
+    out = shapes_in_place(mine)
+    assert out is mine  # updated in place: no second model
+    assert [t.SerializeToString() for t in out.graph.initializer] == \
+        [t.SerializeToString() for t in proto.graph.initializer]  # the weights untouched
+    for field in ("input", "output", "value_info"):
+        assert [v.SerializeToString() for v in getattr(out.graph, field)] == \
+            [v.SerializeToString() for v in getattr(ref.graph, field)], field
+    assert {p.key: p.value for p in out.metadata_props} == {p.key: p.value for p in ref.metadata_props}
+
+
+def test_normalize_gives_back_the_same_model_when_nothing_changes():
+    from onnxopt.normalize import normalize
+
+    proto = _mlp_with_an_untouched_big_bias()
+    out, rec = normalize(proto, sample={"x": np.ones((2, 300), np.float32)})
+    assert out is proto and rec["did"] == []  # no second copy of the weights
+    proto.graph.node[0].name = ""
+    out, rec = normalize(proto, sample={"x": np.ones((2, 300), np.float32)})
+    assert out is not proto and any("named" in d for d in rec["did"])
+    assert [t.SerializeToString() for t in out.graph.initializer] == \
+        [t.SerializeToString() for t in proto.graph.initializer]  # the weights filled back in whole
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_quantize_verifies_against_the_file_and_holds_one_session_at_a_time(tmp_path, monkeypatch, external):
+    """On an input with external data the job drops its copy once quantized: the verification's
+    reference is the file itself (ORT maps its weights). Sessions of the reference and of the
+    variant are never alive together."""
+    import importlib
+    import weakref
+
+    from onnxopt import jobs
+
+    qjob = importlib.import_module("onnxopt.quantize")  # the package's name is the function
+
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    write_model(_mlp_with_an_untouched_big_bias(), src, external=external)
+    assert (tmp_path / "in" / "m.onnx.data").exists() == external
+    seen, alive, most = [], weakref.WeakSet(), [0]
+    real_verify, real_session = jobs.verify_variant, jobs.make_session
+
+    def verify(ref, *a, **k):
+        seen.append(ref)
+        return real_verify(ref, *a, **k)
+
+    class Held:  # a session that weakref can follow
+        def __init__(self, s):
+            self.s = s
+
+        def __getattr__(self, name):
+            return getattr(self.s, name)
+
+    def session(*a, **k):
+        h = Held(real_session(*a, **k))
+        alive.add(h)
+        most[0] = max(most[0], len(alive))
+        return h
+
+    monkeypatch.setattr(qjob, "verify_variant", verify)
+    monkeypatch.setattr(jobs, "make_session", session)
+    monkeypatch.setattr(jobs, "run", lambda s, feeds, *a, **k: s.s.run(None, feeds))
+    qjob.quantize(src, tmp_path / "q.onnx", mode="dynamic", speed_check=False, max_channel_error=100,
+                  data=str(_feeds_npz(tmp_path)))
+    assert isinstance(seen[0], str) == external and (seen[0] == str(src) if external else True)
+    assert most[0] == 1
+
+
+def _feeds_npz(tmp_path):
+    p = tmp_path / "x.npz"
+    np.savez(p, x=np.random.default_rng(0).standard_normal((16, 300)).astype(np.float32))
+    return p
