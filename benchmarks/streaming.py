@@ -59,7 +59,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="onnxopt-streaming-"))
     try:
         env = {**os.environ, "ONNXOPT_CACHE_DIR": str(work / "cache")}
-        subprocess.run([sys.executable, "-m", "onnxopt.cli", "export", "mobilenet", "-o", "fp32.onnx"], cwd=work,
+        subprocess.run([sys.executable, "-m", "onnxopt.cli", "export", "mobilenet_v2", "-o", "fp32.onnx"], cwd=work,
                        env={**env, "PYTHONPATH": str(ROOT)}, check=True, capture_output=True)
         t0 = time.perf_counter()
         images(work / "imgs", a.images)

@@ -33,7 +33,7 @@ from .jobs import (DataOptions, calibration_data, check_output, check_runs, eval
                    verify_variant, write_variant)
 from .options import build, check_choices, fields_of, option, split
 from .passes import QuantizeInt4, QuantizeStatic, choose_mode
-from .passes._common import looks_like_transformer, op_counts, refuse_quantized
+from .passes._common import FUSE_UP_TO_BYTES, looks_like_transformer, op_counts, refuse_quantized
 from .passes._ort import weight_bytes
 from .passes.quantize import TARGETS
 from .runner import Step, calibration_feeds, run_steps
@@ -95,9 +95,6 @@ class _Plan:
     quant: Callable[[tuple[str, ...]], Step]  # nodes kept in float -> the quantizer step
     calibration: Dataset | None = None
     calibration_name: str | None = None
-
-
-FUSE_UP_TO_BYTES = 1 << 30
 
 
 def quantize_steps(mode: str, model: ir.Model, static: dict, job: QuantizeSettings

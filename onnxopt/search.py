@@ -111,13 +111,19 @@ def _cnn_candidates(passes: dict) -> list[dict]:
 def search_space(model: onnx.ModelProto, *, has_calibration: bool, target: str = "cpu") -> list[dict]:
     """Candidate step lists for ``model``, cheapest first. Only passes from the registry; a
     candidate whose passes are missing there is dropped."""
-    from .passes._common import looks_like_transformer
+    from .passes._common import FUSE_UP_TO_BYTES, looks_like_transformer
+    from .passes._ort import weight_bytes
 
     passes = registry()
-    is_tf, _ = looks_like_transformer(ir.serde.deserialize_model(model))
+    m = ir.serde.deserialize_model(model)
+    is_tf, _ = looks_like_transformer(m)
     cands: list[dict] = []
     if target == "cuda":
         cands.append({"name": "fp16", "steps": [Step("fp16")]})
+    elif is_tf and weight_bytes(m) >= FUSE_UP_TO_BYTES:  # no fusions: ORT's optimizer runs out of memory
+        cands += [{"name": "dynamic INT8", "steps": [Step("quantize-dynamic")]},
+                  {"name": "INT4 weights", "steps": [Step("quantize-int4")]},
+                  {"name": "INT4 weights + embedding", "steps": [Step("quantize-int4", {"int4_embedding": True})]}]
     elif is_tf:
         fuse = Step("simplify", {"transformer": "bert", "gelu_approximation": True, "skip_layer_norm": False})
         cands += [{"name": "fused", "steps": [Step("simplify", {"transformer": "bert"})]},

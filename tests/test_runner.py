@@ -245,3 +245,28 @@ def test_error_classes_map_to_their_codes():
     assert GateFailed("f", "p").exit_code == 3
     assert InternalError("f", "p").exit_code == 1
     assert OnnxoptError("f", "p", report={"a": 1}).report == {"a": 1}
+
+
+def test_search_space_of_a_big_transformer_leaves_the_fusions_out(monkeypatch):
+    """ORT's transformer fusion optimizer ran out of memory on big-encoder (22 GB): from
+    FUSE_UP_TO_BYTES of weights the search offers unfused INT8 and INT4, no fused candidate."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxopt.passes import _common
+    from onnxopt.search import search_space
+
+    rng = np.random.default_rng(0)
+    g = helper.make_graph(  # int64 ids -> Gather -> MatMul -> Softmax: a text model to looks_like_transformer
+        [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+         helper.make_node("MatMul", ["e", "w"], ["m"], name="mm"), helper.make_node("Softmax", ["m"], ["y"], name="sm")],
+        "tiny_text", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", 8])],
+        [numpy_helper.from_array(rng.standard_normal((30, 8)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    names = [c["name"] for c in search_space(model, has_calibration=False)]
+    assert "fused" in names and "fused + dynamic INT8" in names
+    monkeypatch.setattr(_common, "FUSE_UP_TO_BYTES", 1)
+    big = search_space(model, has_calibration=False)
+    assert [c["name"] for c in big][:3] == ["dynamic INT8", "INT4 weights", "INT4 weights + embedding"]
+    assert not any(s.name == "simplify" and s.settings.get("transformer") for c in big for s in c["steps"])

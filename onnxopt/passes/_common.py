@@ -117,6 +117,11 @@ def _feeds_embedding(value: ir.Value, depth: int = 0) -> bool:
     return False
 
 
+# ORT's transformer fusion optimizer held 10x the weights' size in memory on the 2.2 GB
+# big-encoder (22 GB, killed): from this size on, no job or search candidate runs it.
+FUSE_UP_TO_BYTES = 1 << 30
+
+
 def looks_like_transformer(model: ir.Model) -> tuple[bool, str]:
     """(is it a transformer/text model, why). Integer id inputs feeding an embedding (``Gather``
     or a fused ``EmbedLayerNormalization``) plus attention (Softmax or a fused attention op) or at
