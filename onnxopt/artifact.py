@@ -57,9 +57,9 @@ _PROTO_LIMIT = 2**31 - 1  # protobuf cannot serialize a message of 2 GiB or more
 EXTERNAL_AUTO_BYTES = 1 << 30  # a model this big or bigger is written with its weights in a .data file
 # An in-memory model this big or bigger is never serialized whole: it reaches ONNX Runtime, its
 # tools and onnx.checker as a temp file with external data (streamed tensor by tensor), and is
-# hashed streamed. From bytes, a session of a 410 MB encoder peaked at 3.0x the weights and held
-# 2.2x while alive; from the file (ORT maps the .data file), 0.8x and 0.8x
-# (benchmarks/results/scale.md). The write costs about a second per GB.
+# hashed streamed. Measured on a 410 MB encoder: a session made from bytes peaked at 3.0x the
+# weights and held 2.2x while alive; from the file (ORT maps the .data file), 0.8x and 0.8x.
+# The write costs about a second per GB.
 STREAM_BYTES = 256 << 20
 _EXTERNAL_MIN_TENSOR = 1024  # smaller tensors stay inline (onnx's own default threshold)
 GZIP_UP_TO = 256 << 20  # files this big get no gzip size (it would take minutes and a copy)
