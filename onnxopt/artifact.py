@@ -40,6 +40,7 @@ __all__ = [
     "external_locations",
     "EXTERNAL_AUTO_BYTES",
     "STREAM_BYTES",
+    "cache_root",
     "weightless",
     "external_header",
     "model_ref",
@@ -177,6 +178,15 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if check:
         check_model(model, str(p), source=p if locations else None)
     return model
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$ONNXOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnxopt`` (``~/.cache``)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get("ONNXOPT_CACHE_DIR"):
+        return Path(os.environ["ONNXOPT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxopt"
 
 
 def check_model(model: onnx.ModelProto, where: str, produced: bool = False, source: Path | None = None) -> None:

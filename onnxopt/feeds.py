@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from .artifact import io_signature, weightless
+from .data.ondisk import release_pages
 from .errors import BadInput
 
 __all__ = ["Dataset", "random_feeds", "first_feeds", "load_dataset", "check_feeds", "check_dataset", "gather_vocab_sizes",
@@ -351,32 +352,6 @@ def all_finite(arr: np.ndarray, chunk_bytes: int = 16 << 20) -> bool:
             return False
         release_pages(arr, i, i + step)
     return True
-
-
-def release_pages(arr: np.ndarray, start: int, stop: int) -> None:
-    """Give back the memory pages of ``arr[start:stop]`` when ``arr`` is a read-only view of a
-    file on disk (``np.memmap``): they are read again from the file if touched. Streaming a
-    dataset bigger than memory through a job then never holds more than a batch of it."""
-    import mmap
-
-    root = arr
-    while isinstance(root.base, np.ndarray):
-        root = root.base
-    if (not isinstance(root.base, mmap.mmap) or not isinstance(root, np.memmap) or not arr.flags.c_contiguous
-            or arr.ndim == 0 or not len(arr)):
-        return
-    row = arr[0].nbytes
-    # np.memmap maps from the allocation granule below its offset: element 0 sits that far in
-    origin = (arr.__array_interface__["data"][0] - root.__array_interface__["data"][0]
-              + root.offset % mmap.ALLOCATIONGRANULARITY)
-    lo, hi = origin + start * row, origin + min(stop, len(arr)) * row
-    page = mmap.PAGESIZE
-    lo, hi = -(-lo // page) * page, hi // page * page  # whole pages inside the range only
-    if hi > lo:
-        try:
-            root.base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        except (OSError, ValueError, AttributeError):  # not Linux, or a mapping that refuses it
-            pass
 
 
 def check_dataset(model: onnx.ModelProto, ds: Dataset, where: str | None = None) -> None:

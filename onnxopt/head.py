@@ -43,7 +43,7 @@ import onnx
 import onnx_ir as ir
 
 from ._version import __version__
-from .artifact import atomic_write_bytes, lineage, load_model, model_digest, save_model
+from .artifact import atomic_write_bytes, cache_root, lineage, load_model, model_digest, save_model
 from .errors import BadInput, InternalError, check_choice
 from .evaluate import agreement, top1
 from .feeds import Dataset, array_digest, cast_feeds, check_feeds, load_dataset
@@ -199,15 +199,6 @@ def _fold_count(val_fraction: float) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Feature extraction with ONNX Runtime, cached by content hash
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$ONNXOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/onnxopt`` (``~/.cache``)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("ONNXOPT_CACHE_DIR"):
-        return Path(os.environ["ONNXOPT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onnxopt"
 
 
 def _feature_model(model: ir.Model, cuts: list[str], where: str) -> onnx.ModelProto:

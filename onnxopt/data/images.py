@@ -61,7 +61,7 @@ def load_image_folder(root: str | Path, shape: tuple, *, preprocess: str = "imag
     """(images [N, C, H, W] float32, labels or None, class names). ``shape`` is the model
     input's shape (C, H, W must be fixed; C is 1 or 3). From :data:`ON_DISK_FROM` bytes of
     decoded images, the array is a read-only ``np.memmap`` of a file in the cache folder
-    (``cache_dir``, else onnxopt's cache: see :func:`onnxopt.head.cache_root`), named by the
+    (``cache_dir``, else onnxopt's cache: see :func:`onnxopt.artifact.cache_root`), named by the
     files' names, sizes and times and the preprocessing, so a second run decodes nothing."""
     check_choice(preprocess, PREPROCESS, "--preprocess")
     root = Path(root)
@@ -92,8 +92,8 @@ def _on_disk(root: Path, files: list[Path], chw: tuple, preprocess: str, cache_d
     import hashlib
     import os
 
-    from ..feeds import release_pages
-    from ..head import cache_root
+    from ..artifact import cache_root
+    from .ondisk import release_pages
 
     key = hashlib.sha256(repr((1, preprocess, chw, [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                                                     for p in files])).encode()).hexdigest()[:24]
