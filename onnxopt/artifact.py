@@ -299,10 +299,10 @@ def weightless(model: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
 
 def with_weights(header: onnx.ModelProto, stubs: set[str], source: onnx.ModelProto) -> onnx.ModelProto:
     """``header`` (from :func:`weightless`, then changed) with its stub initializers filled in
-    from ``source``'s, by name; returns ``header``."""
+    from ``source``'s, by name; returns ``header``. A stub filled before is not copied again."""
     full = {t.name: t for t in source.graph.initializer if t.name in stubs}
     for t in header.graph.initializer:
-        if t.name in full:
+        if t.name in full and not t.HasField("raw_data"):
             t.CopyFrom(full[t.name])
     return header
 

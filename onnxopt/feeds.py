@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .artifact import io_signature, weightless
-from .data.ondisk import release_pages
+from .data.ondisk import in_slices, release_pages
 from .errors import BadInput
 
 __all__ = ["Dataset", "random_feeds", "first_feeds", "load_dataset", "check_feeds", "check_dataset", "gather_vocab_sizes",
@@ -98,10 +98,8 @@ def array_digest(arrays: dict[str, np.ndarray]) -> str:
         a = np.ascontiguousarray(arrays[k])
         h.update(f"{k}|{a.dtype.str}|{a.shape}|".encode())
         if a.ndim and a.nbytes > (16 << 20):  # big data (on disk, maybe) hashed a slice at a time
-            step = max(1, (16 << 20) // max(1, a[0].nbytes))
-            for i in range(0, len(a), step):
-                h.update(memoryview(a[i:i + step]).cast("B"))
-                release_pages(a, i, i + step)
+            for part in in_slices(a):
+                h.update(memoryview(part).cast("B"))
         else:
             h.update(a.tobytes())
     return h.hexdigest()
@@ -346,12 +344,7 @@ def all_finite(arr: np.ndarray, chunk_bytes: int = 16 << 20) -> bool:
     slice at a time (its pages given back after each)."""
     if arr.ndim == 0 or arr.nbytes <= chunk_bytes:
         return bool(np.isfinite(arr).all())
-    step = max(1, chunk_bytes // max(1, arr[0].nbytes))
-    for i in range(0, len(arr), step):
-        if not np.isfinite(arr[i:i + step]).all():
-            return False
-        release_pages(arr, i, i + step)
-    return True
+    return all(np.isfinite(part).all() for part in in_slices(arr, chunk_bytes))
 
 
 def check_dataset(model: onnx.ModelProto, ds: Dataset, where: str | None = None) -> None:

@@ -120,18 +120,17 @@ def search_space(model: onnx.ModelProto, *, has_calibration: bool, target: str =
     cands: list[dict] = []
     if target == "cuda":
         cands.append({"name": "fp16", "steps": [Step("fp16")]})
-    elif is_tf and weight_bytes(m) >= FUSE_UP_TO_BYTES:  # no fusions: ORT's optimizer runs out of memory
-        cands += [{"name": "dynamic INT8", "steps": [Step("quantize-dynamic")]},
-                  {"name": "INT4 weights", "steps": [Step("quantize-int4")]},
-                  {"name": "INT4 weights + embedding", "steps": [Step("quantize-int4", {"int4_embedding": True})]}]
     elif is_tf:
-        fuse = Step("simplify", {"transformer": "bert", "gelu_approximation": True, "skip_layer_norm": False})
-        cands += [{"name": "fused", "steps": [Step("simplify", {"transformer": "bert"})]},
-                  {"name": "fused + dynamic INT8", "steps": [fuse, Step("quantize-dynamic")]},
-                  # weight-only 4-bit: for size (measured slower than INT8 on MiniLM at seq 128;
-                  # benchmarks/results/int4.md), judged by the same gates
-                  {"name": "INT4 weights", "steps": [Step("quantize-int4")]},
-                  {"name": "INT4 weights + embedding", "steps": [Step("quantize-int4", {"int4_embedding": True})]}]
+        # weight-only 4-bit: for size (measured slower than INT8 on MiniLM at seq 128;
+        # benchmarks/results/int4.md), judged by the same gates
+        int4 = [{"name": "INT4 weights", "steps": [Step("quantize-int4")]},
+                {"name": "INT4 weights + embedding", "steps": [Step("quantize-int4", {"int4_embedding": True})]}]
+        if weight_bytes(m) >= FUSE_UP_TO_BYTES:  # no fusions: ORT's optimizer runs out of memory
+            cands += [{"name": "dynamic INT8", "steps": [Step("quantize-dynamic")]}] + int4
+        else:
+            fuse = Step("simplify", {"transformer": "bert", "gelu_approximation": True, "skip_layer_norm": False})
+            cands += [{"name": "fused", "steps": [Step("simplify", {"transformer": "bert"})]},
+                      {"name": "fused + dynamic INT8", "steps": [fuse, Step("quantize-dynamic")]}] + int4
     else:
         cands.append({"name": "simplified", "steps": [Step("simplify")]})
         if has_calibration and "quantize-static" in passes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["release_pages"]
+__all__ = ["release_pages", "in_slices"]
 
 
 def release_pages(arr: np.ndarray, start: int, stop: int) -> None:
@@ -33,3 +33,13 @@ def release_pages(arr: np.ndarray, start: int, stop: int) -> None:
             root.base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
         except (OSError, ValueError, AttributeError):  # not Linux, or a mapping that refuses it
             pass
+
+
+def in_slices(arr: np.ndarray, chunk_bytes: int = 16 << 20):
+    """``arr`` in slices along axis 0 of about ``chunk_bytes`` each, the pages of each given back
+    (:func:`release_pages`) once the caller asks for the next: a whole-array reduction without a
+    temporary the size of the data, and a dataset on disk read a slice at a time."""
+    step = max(1, chunk_bytes // max(1, arr[0].nbytes))
+    for i in range(0, len(arr), step):
+        yield arr[i:i + step]
+        release_pages(arr, i, i + step)

@@ -667,18 +667,21 @@ class PruneChannels(OnnxoptPass):
     def _check(self, model: ir.Model, original: ir.Model | None) -> None:
         """The pruned graph must pass the checker and strict shape inference (onnxopt's bug
         otherwise: InternalError); strict inference is only asked of graphs whose input passed it."""
-        def header(m: ir.Model) -> onnx.ModelProto:
-            # shape inference reads the weights' headers only: a big model is not serialized whole
+        def header(m: ir.Model, check: bool) -> onnx.ModelProto:
+            """What strict shape inference reads (a big model's header: it is not serialized
+            whole), after onnx.checker when ``check`` (a big one as its file: header and data bounds)."""
             if weight_bytes(m) < STREAM_BYTES:
-                return to_proto(m)
+                p = to_proto(m)
+                if check:
+                    onnx.checker.check_model(p)
+                return p
             with header_on_disk(m) as (h, folder):
-                onnx.checker.check_model(str(folder / "model.onnx"))  # the header and the data's bounds
+                if check:
+                    onnx.checker.check_model(str(folder / "model.onnx"))
                 return h
 
         try:
-            proto = header(model)
-            if weight_bytes(model) < STREAM_BYTES:
-                onnx.checker.check_model(proto)
+            proto = header(model, check=True)
         except Exception as e:  # onnx raises several kinds
             raise InternalError("channel pruning", f"the pruned graph is invalid: {first_line(e)}") from e
         try:
@@ -686,7 +689,8 @@ class PruneChannels(OnnxoptPass):
         except Exception as e:
             try:
                 if original is not None:
-                    onnx.shape_inference.infer_shapes(header(original), check_type=True, strict_mode=True)
+                    onnx.shape_inference.infer_shapes(header(original, check=False), check_type=True,
+                                                      strict_mode=True)
             except Exception:
                 return  # the input already fails strict inference (e.g. custom ops): nothing to compare
             raise InternalError("channel pruning", f"the pruned graph fails shape inference: "
